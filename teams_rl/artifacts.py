@@ -1,0 +1,87 @@
+"""The stage cache: content-addressed artifact folders that are complete only once `manifest.json` exists."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+MANIFEST = "manifest.json"
+
+# Keys that change how a result is computed but never what it is; they stay out of fingerprints so that
+# e.g. raising a budget or the concurrency resumes the same artifact instead of starting a new one.
+NON_SEMANTIC_KEYS = frozenset(
+    {"max_concurrency", "timeout_s", "max_retries", "budget", "progress", "api_key_env", "num_workers",
+     "device", "wandb"}
+)
+
+
+def _strip(node):
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in sorted(node.items()) if k not in NON_SEMANTIC_KEYS}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+def config_slice(cfg: DictConfig, keys: Iterable[str]) -> dict:
+    """The resolved values of the dotted `keys` (missing keys map to None), without non-semantic keys."""
+    out = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        out[key] = _strip(value)
+    return out
+
+
+def fingerprint(stage: str, version: int | str, slice_: dict, input_fingerprints: dict[str, str]) -> str:
+    payload = {"stage": stage, "version": version, "config": slice_, "inputs": dict(sorted(input_fingerprints.items()))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON so that readers see either the old file or the whole new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ArtifactStore:
+    """`root/<stage>/<fingerprint>/`; a folder without a manifest is unfinished work, never a result."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folder(self, stage: str, fp: str) -> Path:
+        return self.root / stage / fp
+
+    def lock_path(self, stage: str, fp: str) -> Path:
+        return self.root / stage / f".{fp}.lock"
+
+    def load_manifest(self, stage: str, fp: str) -> dict | None:
+        path = self.folder(stage, fp) / MANIFEST
+        if not path.is_file():
+            return None
+        with open(path) as fh:
+            return json.load(fh)
+
+    def prepare(self, stage: str, fp: str, resumable: bool) -> Path:
+        """Return the folder to write into: kept as-is for a resumable stage, emptied otherwise."""
+        folder = self.folder(stage, fp)
+        if folder.exists() and not resumable:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def commit(self, stage: str, fp: str, manifest: dict) -> None:
+        write_json_atomic(self.folder(stage, fp) / MANIFEST, manifest)

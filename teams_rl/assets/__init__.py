@@ -1,0 +1,1 @@
+"""Small files shipped with the package: the tiny test tokenizer and the task/seed data of the offline default."""

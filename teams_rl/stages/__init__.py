@@ -1,0 +1,1 @@
+"""Pipeline stages; each module is one stage (see `teams_rl.pipeline` for the contract)."""

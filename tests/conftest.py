@@ -1,0 +1,47 @@
+"""Shared fixtures: offline environment, composed configs with temporary artifact folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ["WANDB_MODE"] = os.environ.get("TEST_WANDB_MODE", "disabled")
+
+
+def compose_config(overrides: list[str] = (), artifacts: Path | None = None, config_name: str = "config"):
+    """The config `python -m teams_rl <overrides>` would run, with wandb off and artifacts in `artifacts`."""
+    from hydra import compose, initialize_config_dir
+
+    extra = ["logger=none"]
+    if artifacts is not None:
+        extra.append(f"paths.artifacts={artifacts}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=extra + list(overrides))
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """compose(overrides) -> cfg whose artifacts live under this test's tmp_path."""
+
+    def _compose(overrides=(), artifacts=None):
+        return compose_config(overrides, artifacts or tmp_path / "artifacts")
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir() -> str:
+    """The `tiny_llama` checkpoint materialised once in the model cache."""
+    from teams_rl.models import resolve_model
+
+    return resolve_model("tiny_llama")
