@@ -29,11 +29,11 @@ demo: install ## run the whole pipeline on the embedded offline default (CPU, 2 
 	$(OFFLINE) $(PY) -m teams_rl
 
 test: install ## install, then run the whole CPU test suite (< 10 min on 2 cores)
-	@$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(OFFLINE) $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: install ## the suite without tests marked slow (~1 min)
-	$(OFFLINE) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: install ## run every benchmark; each prints a ratio against a baseline measured in the same run
 	@set -e; for b in experiments/bench/bench_*.py; do echo "== $$b"; $(OFFLINE) $(PY) $$b; done

@@ -41,7 +41,7 @@ class LLMClient:
         requests = [r.with_defaults(self.sampling) for r in requests]
         keys = [r.cache_key(self.model_id) for r in requests]
         results: list[Completion | None] = [None] * len(requests)
-        hits = self.cache.get_many(list(dict.fromkeys(keys))) if self.cache else {}
+        hits = self.cache.get_many(list(dict.fromkeys(keys))) if self.cache is not None else {}
         misses: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             if key in hits:
@@ -55,7 +55,7 @@ class LLMClient:
             n = self.budget.allowed(self.account, min(self.chunk_size, len(pending)))
             chunk, pending = pending[:n], pending[n:]
             answers = self.backend.complete([requests[idx[0]] for _, idx in chunk])
-            for (key, idx), answer in zip(chunk, answers, strict=True):
+            for (_key, idx), answer in zip(chunk, answers, strict=True):
                 self.account.record(
                     requests[idx[0]].purpose, sent=1, failures=0 if answer.ok else 1,
                     prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
@@ -63,6 +63,6 @@ class LLMClient:
                 )
                 for i in idx:
                     results[i] = answer
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put_many([(key, self.model_id, a) for (key, _), a in zip(chunk, answers, strict=True)])
         return results  # type: ignore[return-value]

@@ -68,5 +68,5 @@ class LLMPool:
             close = getattr(backend, "close", None)
             if close:
                 close()
-        if self.cache:
+        if self.cache is not None:
             self.cache.close()

@@ -67,6 +67,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     with open(ctx.out_dir / "llm_check.md", "w") as fh:
         fh.write(_markdown(rows))
     metrics["all_reachable"] = all(r["reachable"] for r in rows)
+    ctx.log(metrics)
     return metrics
 
 

@@ -1,0 +1,1 @@
+"""Instruction evolution: seeds, operators, policy rollouts, rewards, filters and the generated dataset."""

@@ -1,0 +1,308 @@
+"""Local transformers backend: batched, left-padded `generate` with per-request seeded sampling.
+
+Each request is sampled from its own `torch.Generator` (seeded by the request's seed) inside a logits
+processor, so a seeded request gives the same text whatever else is in its batch, and greedy requests
+(temperature 0/None) give the same text batched or alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from teams_rl.errors import TeamsRLError
+from teams_rl.llm.types import ChatRequest, Completion
+
+log = logging.getLogger(__name__)
+
+HALF_DTYPES = ("bfloat16", "float16", "half")
+CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class _Row:
+    """One request prepared for generation."""
+
+    index: int
+    ids: list[int]
+    max_new: int
+    temperature: float  # 0.0 means greedy
+    top_p: float
+    seed: int
+
+
+class SeededSampler:
+    """A logits processor that samples each row with its own generator and returns logits that make the
+    chosen token the argmax, so `generate` runs greedy and every row's randomness is private to it.
+    Rows with temperature 0 pass through unchanged (plain greedy)."""
+
+    def __init__(self, rows: list[_Row], device):
+        import torch
+
+        self.temperature = [r.temperature for r in rows]
+        self.top_p = [r.top_p for r in rows]
+        self.generators = [
+            torch.Generator(device=device).manual_seed(r.seed) if r.temperature > 0 else None for r in rows
+        ]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for i, gen in enumerate(self.generators):
+            if gen is None:
+                continue
+            probs = torch.softmax(scores[i].float() / self.temperature[i], dim=-1)
+            if self.top_p[i] < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p[i]  # keeps at least the top token
+                sorted_probs[outside] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            token = torch.multinomial(probs, 1, generator=gen)
+            scores[i] = float("-inf")
+            scores[i, token] = 0.0
+        return scores
+
+
+def split_generation(new_ids: list[int], stop_ids: set[int], max_new: int) -> tuple[list[int], int, str]:
+    """(kept token ids, completion token count, finish reason) for one generated row: cut at the first stop
+    token (counted, not kept) or at `max_new` tokens."""
+    for pos, tok in enumerate(new_ids[:max_new]):
+        if tok in stop_ids:
+            return new_ids[:pos], pos + 1, "stop"
+    kept = new_ids[:max_new]
+    return kept, len(kept), "length"
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class HFBackend:
+    """A transformers causal LM answering chat requests: `tiny_llama`, `smollm2`, a checkpoint folder, a
+    `.gguf` file or a hub id (loaded on the first `complete`).
+
+    `generate_kwargs` are extra `GenerationConfig` fields (e.g. `repetition_penalty`); they are part of
+    `model_id`, so cached answers never mix settings."""
+
+    def __init__(self, model: str, cache_dir: str | None = None, dtype: str = "float32", device: str = "auto",
+                 batch_size: int = 8, max_input_tokens: int | None = None, generate_kwargs: dict | None = None,
+                 show_progress: bool = True, **_):
+        if int(batch_size) < 1:
+            raise TeamsRLError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_name = str(model)
+        self.cache_dir = cache_dir
+        self.dtype = dtype
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.max_input_tokens = max_input_tokens
+        self.generate_kwargs = dict(generate_kwargs or {})
+        self.show_progress = show_progress
+        self.model = None
+        self.tokenizer = None
+        self._stop_ids: set[int] = set()
+        suffix = ",".join(f"{k}={v}" for k, v in sorted(self.generate_kwargs.items()))
+        self.model_id = f"hf/{self.model_name}" + (f"?{suffix}" if suffix else "")
+        self._check_source()
+
+    # -- loading -------------------------------------------------------------------------------------
+    def _gguf_path(self) -> Path | None:
+        return Path(self.model_name).expanduser() if self.model_name.endswith(".gguf") else None
+
+    def _check_source(self) -> None:
+        """Fail at construction (one line) for a local path that cannot be a model; hub ids wait for loading."""
+        from teams_rl.models import BUILTIN, resolve_model
+
+        gguf = self._gguf_path()
+        if gguf is not None:
+            if not gguf.is_file():
+                raise TeamsRLError(f"GGUF file {gguf} does not exist")
+        elif self.model_name not in BUILTIN:
+            resolve_model(self.model_name, self.cache_dir)
+
+    def _resolve_device_dtype(self) -> tuple[str, str]:
+        from teams_rl.models import pick_device
+
+        device = pick_device(self.device)
+        dtype = self.dtype
+        if device == "cpu":
+            if dtype not in ("float32", "auto"):
+                log.warning("dtype %s is very slow on this CPU; using float32", dtype)
+            dtype = "float32"
+        elif dtype == "auto":
+            import torch
+
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return device, dtype
+
+    def _load(self) -> None:
+        if self.model is not None:
+            return
+        import torch
+
+        from teams_rl.models import load_causal_lm
+
+        device, dtype = self._resolve_device_dtype()
+        start = time.perf_counter()
+        gguf = self._gguf_path()
+        if gguf is not None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=getattr(torch, dtype))
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            model.to(device).eval()
+        else:
+            model, tok = load_causal_lm(self.model_name, dtype=dtype, device=device, cache_dir=self.cache_dir)
+        tok.padding_side = "left"
+        self.model, self.tokenizer = model, tok
+        self._stop_ids = self._find_stop_ids()
+        log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - start)
+
+    def _find_stop_ids(self) -> set[int]:
+        tok = self.tokenizer
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        configured = self.model.generation_config.eos_token_id
+        if configured is not None:
+            ids.update(configured if isinstance(configured, list) else [configured])
+        vocab = tok.get_vocab()
+        ids.update(vocab[t] for t in CHAT_END_TOKENS if t in vocab)
+        if not ids:
+            raise TeamsRLError(f"{self.model_name}: the tokenizer has no EOS token to stop generation at")
+        return ids
+
+    @property
+    def input_limit(self) -> int:
+        if self.max_input_tokens:
+            return int(self.max_input_tokens)
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+
+    def close(self) -> None:
+        """Free the model (and its GPU memory); the next `complete` loads it again."""
+        if self.model is None:
+            return
+        self.model = self.tokenizer = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _prompt_ids(self, request: ChatRequest) -> list[int]:
+        tok = self.tokenizer
+        messages = request.message_dicts()
+        if tok.chat_template:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # a base model: plain text, one message per paragraph
+            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def _row(self, index: int, request: ChatRequest) -> _Row:
+        import torch
+
+        temperature = float(request.temperature or 0.0)
+        seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
+        return _Row(index=index, ids=self._prompt_ids(request),
+                    max_new=int(request.max_tokens or DEFAULT_MAX_TOKENS),
+                    temperature=temperature,
+                    top_p=float(request.top_p) if request.top_p is not None else 1.0,
+                    seed=int(seed))
+
+    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Answer `requests` in order. Requests are sorted by (max_tokens, prompt length) and generated in
+        chunks of `batch_size`; a failing chunk is retried at half size down to single requests, and a
+        request that still fails comes back with `error` set."""
+        if not requests:
+            return []
+        self._load()
+        results: list[Completion | None] = [None] * len(requests)
+        rows = []
+        for i, request in enumerate(requests):
+            try:
+                row = self._row(i, request)
+            except Exception as err:  # e.g. a chat template rejecting the message roles
+                results[i] = Completion(text="", error=f"{type(err).__name__}: {err}")
+                continue
+            if len(row.ids) > self.input_limit:
+                results[i] = Completion(text="", prompt_tokens=len(row.ids),
+                                        error=f"prompt has {len(row.ids)} tokens, more than the "
+                                              f"{self.input_limit} allowed (max_input_tokens)")
+                continue
+            rows.append(row)
+        rows.sort(key=lambda r: (r.max_new, len(r.ids)))
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(rows), desc=f"generate {self.model_id}", unit="req", leave=False,
+                  disable=not self.show_progress or len(rows) <= self.batch_size) as bar:
+            start = 0
+            while start < len(rows):
+                chunk = rows[start:start + self.batch_size]
+                for row, completion in zip(chunk, self._generate_with_retry(chunk), strict=True):
+                    results[row.index] = completion
+                start += len(chunk)
+                bar.update(len(chunk))
+        return results  # type: ignore[return-value]
+
+    def _generate_with_retry(self, rows: list[_Row]) -> list[Completion]:
+        try:
+            return self._generate(rows)
+        except Exception as err:
+            oom = _is_oom(err)
+            if oom:
+                self._free_cuda()
+            if len(rows) == 1:
+                log.warning("%s: generation failed: %s", self.model_id, err)
+                return [Completion(text="", prompt_tokens=len(rows[0].ids),
+                                   error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")]
+            half = (len(rows) + 1) // 2
+            if oom and self.batch_size > half:
+                log.warning("%s: out of memory at batch %d; using batch_size %d", self.model_id, len(rows), half)
+                self.batch_size = half
+            else:
+                log.warning("%s: chunk of %d failed (%s); retrying in halves", self.model_id, len(rows), err)
+            return self._generate_with_retry(rows[:half]) + self._generate_with_retry(rows[half:])
+
+    @staticmethod
+    def _free_cuda() -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _generate(self, rows: list[_Row]) -> list[Completion]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        tok, model = self.tokenizer, self.model
+        batch = tok.pad({"input_ids": [r.ids for r in rows]}, padding=True, return_tensors="pt")
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        max_new = max(r.max_new for r in rows)
+        config = GenerationConfig(
+            max_new_tokens=max_new, do_sample=False, num_beams=1, use_cache=True,
+            eos_token_id=sorted(self._stop_ids), pad_token_id=tok.pad_token_id,
+            **self.generate_kwargs,
+        )
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, generation_config=config,
+                                 logits_processor=LogitsProcessorList([SeededSampler(rows, model.device)]))
+        latency = (time.perf_counter() - start) / len(rows)
+        new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
+        completions = []
+        for row, new_ids in zip(rows, new_tokens, strict=True):
+            kept, n_tokens, reason = split_generation(new_ids, self._stop_ids, row.max_new)
+            completions.append(Completion(
+                text=tok.decode(kept, skip_special_tokens=True).strip(),
+                prompt_tokens=len(row.ids), completion_tokens=n_tokens,
+                latency_s=latency, finish_reason=reason,
+            ))
+        return completions

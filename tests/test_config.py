@@ -1,0 +1,77 @@
+"""Every config composes; bad overrides fail with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, REPO, compose_config
+
+# Groups whose options are selected with `group=option`; `llm` is a library the role groups include.
+LIBRARY_GROUPS = {"llm", "experiment", "hydra"}
+
+
+def group_options() -> list[tuple[str, str]]:
+    pairs = []
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in LIBRARY_GROUPS):
+        for option in sorted(group.glob("*.yaml")):
+            pairs.append((group.name, option.stem))
+    return pairs
+
+
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), group_options())
+def test_every_group_option_composes(group, option, tmp_path):
+    cfg = compose_config([f"{group}={option}"], tmp_path)
+    node = OmegaConf.select(cfg, "evaluate" if group == "eval" else group)
+    assert node is not None
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("name", experiments())
+def test_every_experiment_composes(name, tmp_path):
+    cfg = compose_config([f"+experiment={name}"], tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["experiment_name"] == name
+    assert resolved["stages"], "an experiment must run at least one stage"
+
+
+def test_role_configs_have_backend_sampling_price_budget(tmp_path):
+    for role in ("instructor", "reviewer", "expert"):
+        for option in sorted(p.stem for p in (CONF_DIR / role).glob("*.yaml")):
+            node = compose_config([f"{role}={option}"], tmp_path)[role]
+            assert node.backend._target_.startswith("teams_rl.llm.")
+            assert {"sampling", "price", "budget"} <= set(node.keys())
+    reviewer = compose_config(["reviewer=openai_gpt4"], tmp_path).reviewer
+    assert reviewer.sampling.temperature == 0.0  # the judge is greedy
+    expert = compose_config(["expert=openai_gpt4"], tmp_path).expert
+    assert expert.backend.model == "gpt-4-1106-preview"
+    assert (expert.sampling.temperature, expert.sampling.top_p, expert.sampling.max_tokens) == (0.7, 0.95, 2048)
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "teams_rl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_unknown_group_option_fails_clearly(tmp_path):
+    proc = run_cli("instructor=nope", f"paths.artifacts={tmp_path}", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode != 0
+    assert "Could not find 'instructor/nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_stage_fails_with_one_line(tmp_path):
+    proc = run_cli("stages=[nope]", "logger=none", f"paths.artifacts={tmp_path}", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: unknown stage 'nope' (available: ")
+    assert "llm_check" in lines[-1]
+    assert "Traceback" not in proc.stderr
