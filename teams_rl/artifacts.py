@@ -17,7 +17,7 @@ MANIFEST = "manifest.json"
 # e.g. raising a budget or the concurrency resumes the same artifact instead of starting a new one.
 NON_SEMANTIC_KEYS = frozenset(
     {"max_concurrency", "timeout_s", "max_retries", "budget", "progress", "api_key_env", "num_workers",
-     "device", "wandb"}
+     "device", "wandb", "backoff_base_s", "backoff_max_s", "max_retry_after_s", "max_requests_per_s"}
 )
 
 

@@ -12,7 +12,8 @@ requests in flight. Faults can be injected per request:
 
 Fault kinds: "429" (with Retry-After), "500", "503", "malformed" (HTTP 200 with a broken JSON body),
 "no_choices" (HTTP 200, valid JSON without choices), "hang" (no answer until `hang_s` passes or the
-server stops), "drop" (the connection is closed without a response), "400" (a permanent client error).
+server stops), "drop" (the connection is closed without a response), "400" (a permanent client error), "401" (an
+authentication error whose message quotes the key it received, as real servers do).
 Attempts are counted per request body (messages + sampling fields), so a retried request is "the same
 request" and `times=k` fails exactly k of its attempts. The faults that match a request play in the order
 they were added: with `add_fault("429", times=1)` then `add_fault("drop", times=2)` its first attempt gets
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-FAULT_KINDS = ("429", "500", "503", "400", "malformed", "no_choices", "hang", "drop")
+FAULT_KINDS = ("429", "500", "503", "400", "401", "malformed", "no_choices", "hang", "drop")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Fault:
     kind: str
     times: int | None = 1  # how many attempts of each matching request fail; None = every attempt
     match: str | None = None  # only requests whose last user message contains this text
+    model: str | None = None  # only requests for this model
     retry_after: str | None = None  # Retry-After header value sent with 429/503 (seconds or an HTTP date)
 
 
@@ -77,7 +79,7 @@ def _attempt_key(body: dict) -> str:
     return json.dumps(fields, sort_keys=True)
 
 
-@dataclass
+@dataclass(eq=False)
 class LoopbackServer:
     """A real HTTP server on a free loopback port; see the module docstring."""
 
@@ -93,7 +95,6 @@ class LoopbackServer:
     def __post_init__(self):
         self._lock = threading.Lock()
         self._attempts: dict[str, int] = {}
-        self._fault_hits: dict[int, dict[str, int]] = {}
         self._in_flight = 0
         self.max_in_flight = 0
         self.served = 0
@@ -103,11 +104,11 @@ class LoopbackServer:
         self._stopped = threading.Event()
 
     # ---- configuration -------------------------------------------------------------------------
-    def add_fault(self, kind: str, times: int | None = 1, match: str | None = None,
+    def add_fault(self, kind: str, times: int | None = 1, match: str | None = None, model: str | None = None,
                   retry_after: str | None = None) -> Fault:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (known: {', '.join(FAULT_KINDS)})")
-        fault = Fault(kind, times, match, retry_after)
+        fault = Fault(kind, times, match, model, retry_after)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -129,12 +130,15 @@ class LoopbackServer:
     def _pick_fault(self, body: dict | None) -> tuple[int, Fault | None]:
         key = _attempt_key(body) if isinstance(body, dict) else "<unparsable>"
         text = _last_user(body) if isinstance(body, dict) else ""
+        model = body.get("model") if isinstance(body, dict) else None
         with self._lock:
             attempt = self._attempts.get(key, 0)
             self._attempts[key] = attempt + 1
             first = 0  # the matching faults form a script: attempts [0, k1) get the first, [k1, k1 + k2) the next...
             for fault in self.faults:
                 if fault.match is not None and fault.match not in text:
+                    continue
+                if fault.model is not None and fault.model != model:
                     continue
                 if fault.times is None or attempt < first + fault.times:
                     return attempt, fault
@@ -178,6 +182,11 @@ class LoopbackServer:
             message = "Rate limit reached" if kind == "429" else "Service unavailable"
             return web.json_response({"error": {"message": message, "type": "requests"}}, status=int(kind),
                                      headers=headers)
+        if kind == "401":  # like a real server, quote the key it was given (clients must not repeat it)
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            return web.json_response({"error": {"message": f"Incorrect API key provided: {token}",
+                                                "type": "invalid_request_error", "code": "invalid_api_key"}},
+                                     status=401)
         if kind in ("500", "400"):
             return web.json_response({"error": {"message": f"injected {kind}", "type": "server_error"}},
                                      status=int(kind))

@@ -22,14 +22,16 @@ class LLMClient:
 
     def __init__(self, role: str, backend: Backend, *, sampling: dict | None = None,
                  cache: RequestCache | None = None, account: RoleAccount | None = None,
-                 budget: Budget | None = None, chunk_size: int = 256):
+                 budget: Budget | None = None, chunk_size: int | None = None):
         self.role = role
         self.backend = backend
         self.sampling = dict(sampling or {})
         self.cache = cache
         self.account = account or RoleAccount(role=role, model=backend.model_id)
         self.budget = budget or Budget(role=role)
-        self.chunk_size = chunk_size
+        # Each chunk is a barrier (the budget is checked between chunks), so keep it well above the
+        # backend's concurrency: a too-small chunk leaves the request engine idle while its tail finishes.
+        self.chunk_size = chunk_size or max(256, 16 * int(getattr(backend, "max_concurrency", 16)))
 
     @property
     def model_id(self) -> str:

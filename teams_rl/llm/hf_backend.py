@@ -38,32 +38,59 @@ class _Row:
 class SeededSampler:
     """A logits processor that samples each row with its own generator and returns logits that make the
     chosen token the argmax, so `generate` runs greedy and every row's randomness is private to it.
-    Rows with temperature 0 pass through unchanged (plain greedy)."""
+    Rows with temperature 0 pass through unchanged (plain greedy).
+
+    Sampling is by inverse CDF (one uniform draw per row and step). Top-p takes the nucleus from a `topk`
+    that grows until it holds `top_p` of the mass, as a full sort of a 50k vocabulary at every step is slow
+    on a CPU."""
+
+    FIRST_K = 64
 
     def __init__(self, rows: list[_Row], device):
         import torch
 
-        self.temperature = [r.temperature for r in rows]
-        self.top_p = [r.top_p for r in rows]
-        self.generators = [
-            torch.Generator(device=device).manual_seed(r.seed) if r.temperature > 0 else None for r in rows
-        ]
+        self.device = device
+        self.rows = [i for i, r in enumerate(rows) if r.temperature > 0]
+        self.nucleus = [j for j, i in enumerate(self.rows) if rows[i].top_p < 1.0]
+        self.temperature = torch.tensor([rows[i].temperature for i in self.rows], device=device)[:, None]
+        self.top_p = torch.tensor([rows[i].top_p for i in self.rows], device=device)
+        self.generators = [torch.Generator(device=device).manual_seed(rows[i].seed) for i in self.rows]
+        self.where = {j: n for n, j in enumerate(self.nucleus)}  # sampled row -> its row among nucleus rows
 
     def __call__(self, input_ids, scores):
         import torch
 
-        for i, gen in enumerate(self.generators):
-            if gen is None:
-                continue
-            probs = torch.softmax(scores[i].float() / self.temperature[i], dim=-1)
-            if self.top_p[i] < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p[i]  # keeps at least the top token
-                sorted_probs[outside] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            token = torch.multinomial(probs, 1, generator=gen)
-            scores[i] = float("-inf")
-            scores[i, token] = 0.0
+        if not self.rows:
+            return scores
+        logits = scores if len(self.rows) == scores.shape[0] else scores[self.rows]
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        vocab = probs.shape[-1]
+        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=scores.device)
+        if self.nucleus:
+            nucleus_probs = probs if len(self.nucleus) == len(self.rows) else probs[self.nucleus]
+            p = self.top_p[self.nucleus]
+            k = min(self.FIRST_K, vocab)
+            while True:
+                top, order = nucleus_probs.topk(k, dim=-1)
+                if k == vocab or bool((top.sum(-1) >= p).all()):
+                    break
+                k = min(4 * k, vocab)
+            cdf_top = top.cumsum(-1)
+            keep = (cdf_top - top < p[:, None]).sum(-1).tolist()  # tokens before the mass reaches top_p
+        for j, gen in enumerate(self.generators):
+            u = torch.rand((1,), generator=gen, device=self.device)
+            if j in self.where:
+                n = self.where[j]
+                cdf = cdf_top[n, : keep[n]]
+                pos = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=cdf.numel() - 1)
+                tokens[j] = order[n, pos[0]]
+            else:  # no top-p: the unsorted CDF will do
+                cdf = probs[j].cumsum(-1)
+                pos = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=vocab - 1)
+                tokens[j] = pos[0]
+        rows = torch.tensor(self.rows, device=scores.device)
+        scores[rows] = float("-inf")
+        scores[rows, tokens] = 0.0
         return scores
 
 
@@ -80,7 +107,8 @@ def split_generation(new_ids: list[int], stop_ids: set[int], max_new: int) -> tu
 def _is_oom(err: BaseException) -> bool:
     import torch
 
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    message = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
 
 
 class HFBackend:
@@ -115,7 +143,7 @@ class HFBackend:
         return Path(self.model_name).expanduser() if self.model_name.endswith(".gguf") else None
 
     def _check_source(self) -> None:
-        """Fail at construction (one line) for a local path that cannot be a model; hub ids wait for loading."""
+        """Fail at construction, in one line, for a missing path or (offline) a hub id that is not cached."""
         from teams_rl.models import BUILTIN, resolve_model
 
         gguf = self._gguf_path()
@@ -164,6 +192,13 @@ class HFBackend:
         tok.padding_side = "left"
         self.model, self.tokenizer = model, tok
         self._stop_ids = self._find_stop_ids()
+        # Drop the checkpoint's sampling defaults (e.g. a repetition penalty): an answer depends only on the
+        # request and `generate_kwargs`, which is what the request cache assumes.
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig(bos_token_id=model.generation_config.bos_token_id,
+                                                   eos_token_id=sorted(self._stop_ids),
+                                                   pad_token_id=tok.pad_token_id)
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - start)
 
     def _find_stop_ids(self) -> set[int]:
@@ -260,8 +295,9 @@ class HFBackend:
                 self._free_cuda()
             if len(rows) == 1:
                 log.warning("%s: generation failed: %s", self.model_id, err)
+                first_line = (str(err).splitlines() or [""])[0]
                 return [Completion(text="", prompt_tokens=len(rows[0].ids),
-                                   error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")]
+                                   error=f"{type(err).__name__}: {first_line}")]
             half = (len(rows) + 1) // 2
             if oom and self.batch_size > half:
                 log.warning("%s: out of memory at batch %d; using batch_size %d", self.model_id, len(rows), half)

@@ -2,21 +2,30 @@
 
 `complete` is synchronous; inside, one asyncio loop in a worker thread (one per backend, kept for its
 lifetime with one `AsyncOpenAI` client) sends the requests concurrently, at most `max_concurrency` at a
-time. Every request gets `timeout_s` per attempt and up to `max_retries` retries on rate limits (429),
+time and at most `max_requests_per_s` new ones a second (set it below your API tier's rate limit; the
+default, 2000, only spreads bursts). Every request gets `timeout_s` per attempt and up to `max_retries` retries on rate limits (429),
 server errors (5xx, 408, 409), connection errors, timeouts and malformed responses, waiting as the
 server's `Retry-After` says or else an exponential backoff with full jitter. The openai client's own
 retries are off, so every retry happens (and is counted in `stats`) here. A request that still fails
 comes back as `Completion(error=...)` in its place; nothing raises and nothing is dropped.
 
-The API key is read from the environment variable named by `api_key_env` when the backend is built,
-held only by the client, never shown in repr, errors or logs, and never pickled (a pickled backend
-reads the variable again).
+Requests go through the SDK's generic `post` on the `/chat/completions` route with the SDK's aiohttp
+transport, and the JSON answer is parsed here: the SDK's typed `chat.completions.create` over its default
+httpx transport costs about 3x more CPU per request (request transformation, pydantic models, the httpx
+connection pool), which caps a 2-core machine far below what a server with 64 parallel slots can take.
+Authentication, headers, status errors (`RateLimitError`, `InternalServerError`, `APITimeoutError`, ...)
+and connection pooling stay the SDK's.
+
+The API key is read from the environment variable named by `api_key_env` when the backend is built and
+kept only in a private wrapper (shown as ***, not picklable) and in the SDK client. It never appears in
+repr, errors or logs (error text quoting it is scrubbed), and a pickled backend reads the variable again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import os
 import random
@@ -35,6 +44,7 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 LOCAL_SERVER_KEY = "EMPTY"  # what vLLM / llama.cpp servers accept when they were started without a key
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 MAX_ERROR_CHARS = 500
+TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
 
 
 class _Secret:
@@ -149,7 +159,7 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_concurrency: int = 16, timeout_s: float = 120, max_retries: int = 8,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 60.0, max_retry_after_s: float = 300.0,
-                 progress: bool = True, **_ignored):
+                 max_requests_per_s: float | None = 2000.0, progress: bool = True, **_ignored):
         if int(max_concurrency) < 1:
             raise TeamsRLError(f"max_concurrency must be >= 1 for model {model} (got {max_concurrency})")
         self.model = str(model)
@@ -163,6 +173,7 @@ class OpenAIBackend:
         self.backoff_base_s = float(backoff_base_s)
         self.backoff_max_s = float(backoff_max_s)
         self.max_retry_after_s = float(max_retry_after_s)
+        self.max_requests_per_s = float(max_requests_per_s) if max_requests_per_s else None
         self.progress = bool(progress)
         self.stats = RequestStats()
         key = os.environ.get(api_key_env) if api_key_env else None
@@ -175,7 +186,10 @@ class OpenAIBackend:
         self._runner: _LoopThread | None = None
         self._client = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._response_type = None
         self._paused_until = 0.0  # monotonic time before which no request is sent (after a 429 Retry-After)
+        self._next_start = 0.0  # monotonic time of the next free start slot
+        self._min_interval_s = 1.0 / self.max_requests_per_s if self.max_requests_per_s else 0.0
         self._finalizer = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -184,7 +198,7 @@ class OpenAIBackend:
                 "max_concurrency": self.max_concurrency, "timeout_s": self.timeout_s,
                 "max_retries": self.max_retries, "backoff_base_s": self.backoff_base_s,
                 "backoff_max_s": self.backoff_max_s, "max_retry_after_s": self.max_retry_after_s,
-                "progress": self.progress}
+                "max_requests_per_s": self.max_requests_per_s, "progress": self.progress}
 
     def __repr__(self) -> str:
         return (f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r}, "
@@ -199,6 +213,8 @@ class OpenAIBackend:
     def _ensure_started(self) -> _LoopThread:
         with self._lock:
             if self._runner is None:
+                import openai  # noqa: F401  (the slow first import happens here, not inside the loop)
+
                 self._runner = _LoopThread(name=f"openai-backend-{self.model}")
                 self._runner.run(self._open())
                 self._finalizer = weakref.finalize(self, _shutdown, self._runner, self._client)
@@ -215,9 +231,10 @@ class OpenAIBackend:
             base_url=self.base_url,
             timeout=self.timeout_s,
             max_retries=0,  # our retries are the only ones, so they are all counted
-            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.timeout_s),
+            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=self.timeout_s),
         )
         self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        self._response_type = httpx2.Response  # `post` hands back the raw response; `_to_completion` parses it
 
     def close(self) -> None:
         """Close the HTTP client and stop the worker loop; a later `complete` starts them again."""
@@ -258,50 +275,66 @@ class OpenAIBackend:
 
     async def _complete_one(self, request: ChatRequest) -> Completion:
         params = self._params(request)
-        async with self._semaphore:
-            started = time.perf_counter()
-            for attempt in range(self.max_retries + 1):
-                await self._wait_for_pause()
+        started = None
+        for attempt in range(self.max_retries + 1):
+            async with self._semaphore:  # a slot is held while a request is on the wire, not while it backs off
+                await self._wait_for_turn()
+                started = started or time.perf_counter()
                 self.stats.attempts += 1
                 try:
-                    async with asyncio.timeout(self.timeout_s):
-                        response = await self._client.chat.completions.create(**params)
-                    return self._to_completion(response, request, time.perf_counter() - started)
+                    response = await asyncio.wait_for(
+                        self._client.post("/chat/completions", body=params, cast_to=self._response_type),
+                        self.timeout_s,
+                    )
+                    return self._to_completion(response.content, request, time.perf_counter() - started)
                 except Exception as err:  # every failure becomes a retry or an error completion
                     reason, retryable, wait_s = self._classify(err)
-                    self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
                     message = self._describe(reason, err)
-                    if not retryable or attempt == self.max_retries:
-                        self.stats.failures += 1
-                        tries = attempt + 1
-                        log.warning("%s: request failed after %d attempt(s): %s", self.model, tries, message)
-                        return Completion(text="", error=f"failed after {tries} attempt(s): {message}",
-                                          latency_s=time.perf_counter() - started)
-                    if wait_s is None:
-                        wait_s = random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt))
-                    elif reason == "rate_limit":
-                        self._paused_until = max(self._paused_until, time.monotonic() + wait_s)
-                    self.stats.retries += 1
-                    self.stats.retry_wait_s += wait_s
-                    log.info("%s: retry %d/%d in %.2f s after %s", self.model, attempt + 1, self.max_retries,
-                             wait_s, message)
-                    await asyncio.sleep(wait_s)
-        raise AssertionError("unreachable")  # the loop always returns
+            self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
+            if not retryable or attempt == self.max_retries:
+                self.stats.failures += 1
+                log.warning("%s: request failed after %d attempt(s): %s", self.model, attempt + 1, message)
+                return Completion(text="", error=f"failed after {attempt + 1} attempt(s): {message}",
+                                  latency_s=time.perf_counter() - started)
+            if wait_s is None:  # exponential backoff with full jitter
+                wait_s = random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt))
+            elif reason == "rate_limit":  # the limit is the account's: every request of this backend waits
+                self._paused_until = max(self._paused_until, time.monotonic() + wait_s)
+            self.stats.retries += 1
+            self.stats.retry_wait_s += wait_s
+            log.info("%s: retry %d/%d in %.2f s after %s", self.model, attempt + 1, self.max_retries, wait_s, message)
+            await asyncio.sleep(wait_s)
+        raise AssertionError("unreachable")  # the last attempt always returns
 
-    async def _wait_for_pause(self) -> None:
-        """After a 429 with Retry-After, no request of this backend is sent before the server's time is up."""
-        delay = self._paused_until - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async def _wait_for_turn(self) -> None:
+        """Start no request before a 429's Retry-After has passed, and at most `max_requests_per_s` a second.
+
+        Pacing starts also keeps a burst of simultaneous starts (the first `max_concurrency` requests of a
+        batch) from interleaving on the event loop: interleaved, they all finish sending at the end of the
+        burst, come back together and stay in lockstep, each waiting for the whole burst's CPU work.
+        """
+        while True:
+            now = time.monotonic()
+            slot = max(now, self._next_start, self._paused_until)
+            self._next_start = slot + self._min_interval_s  # slots are handed out in order: no thundering herd
+            if slot <= now:
+                return
+            await asyncio.sleep(slot - now)
+            if time.monotonic() >= self._paused_until:  # else a 429 arrived while we waited: queue again
+                return
 
     def _classify(self, err: Exception) -> tuple[str, bool, float | None]:
         """(reason, retryable, seconds the server asked us to wait or None)."""
         import openai
 
-        if isinstance(err, (openai.APITimeoutError, TimeoutError)):
+        if isinstance(err, TIMEOUTS):  # our per-request deadline
             return "timeout", True, None
         if isinstance(err, openai.APIConnectionError):
-            return "connection", True, None
+            # the aiohttp transport reports a dropped connection as a connect timeout: ask the root cause
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            return ("timeout" if isinstance(root, TIMEOUTS) else "connection"), True, None
         if isinstance(err, openai.APIStatusError):
             status = err.status_code
             retryable = status in RETRYABLE_STATUS or status >= 500
@@ -310,28 +343,34 @@ class OpenAIBackend:
             if wait_s is not None:
                 wait_s = min(wait_s, self.max_retry_after_s)
             return reason, retryable, wait_s
-        if isinstance(err, (MalformedResponse, openai.APIResponseValidationError, ValueError)):
-            return "malformed", True, None  # includes a body that is not JSON (JSONDecodeError)
+        if isinstance(err, (MalformedResponse, openai.APIResponseValidationError)):
+            return "malformed", True, None
         return "error", False, None
 
     def _describe(self, reason: str, err: Exception) -> str:
         text = self._secret.scrub(f"{reason}: {type(err).__name__}: {err}")
         return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
-    def _to_completion(self, response, request: ChatRequest, latency_s: float) -> Completion:
-        choices = getattr(response, "choices", None)
-        if not choices or getattr(choices[0], "message", None) is None:
-            raise MalformedResponse("the response has no choices[0].message")
-        choice = choices[0]
-        text = choice.message.content or ""
-        usage = getattr(response, "usage", None)
-        if usage is not None and usage.prompt_tokens is not None:
-            prompt_tokens, completion_tokens = int(usage.prompt_tokens), int(usage.completion_tokens or 0)
+    def _to_completion(self, body: bytes, request: ChatRequest, latency_s: float) -> Completion:
+        try:
+            data = json.loads(body)
+        except ValueError as err:
+            raise MalformedResponse(f"the body is not JSON ({err})") from None
+        try:
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise MalformedResponse("the response has no choices[0].message.content") from None
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        if isinstance(usage.get("prompt_tokens"), int):
+            prompt_tokens, completion_tokens = usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
         else:
             prompt_tokens = sum(_estimate_tokens(content) + 4 for _, content in request.messages)
             completion_tokens = _estimate_tokens(text)
         return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          latency_s=latency_s, finish_reason=choice.finish_reason)
+                          latency_s=latency_s, finish_reason=choice.get("finish_reason"))
 
 
 def _shutdown(runner: _LoopThread, client) -> None:
