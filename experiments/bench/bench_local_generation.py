@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def main() -> None:
     backend.complete([ChatRequest.chat("Hello", max_tokens=4, temperature=0.0)])  # load + warm-up
     load_s = time.perf_counter() - start
 
+    load_before = round(os.getloadavg()[0], 2)  # other processes on the machine skew both sides
     runs: dict[str, list[dict]] = {"batched": [], "sequential": []}
     for _ in range(args.repeats):
         runs["batched"].append(run_once(backend, len(PROMPTS)))
@@ -75,6 +77,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "device": str(backend.model.device),
         "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_before_after": [load_before, round(os.getloadavg()[0], 2)],
         "load_and_warmup_s": round(load_s, 2),
         "batched": best["batched"],
         "sequential": best["sequential"],

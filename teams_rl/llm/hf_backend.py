@@ -322,10 +322,12 @@ class HFBackend:
         batch = tok.pad({"input_ids": [r.ids for r in rows]}, padding=True, return_tensors="pt")
         batch = {k: v.to(model.device) for k, v in batch.items()}
         max_new = max(r.max_new for r in rows)
+        extra = dict(self.generate_kwargs)
+        if "min_new_tokens" in extra:  # never more than the requests allow
+            extra["min_new_tokens"] = min(int(extra["min_new_tokens"]), max_new)
         config = GenerationConfig(
             max_new_tokens=max_new, do_sample=False, num_beams=1, use_cache=True,
-            eos_token_id=sorted(self._stop_ids), pad_token_id=tok.pad_token_id,
-            **self.generate_kwargs,
+            eos_token_id=sorted(self._stop_ids), pad_token_id=tok.pad_token_id, **extra,
         )
         start = time.perf_counter()
         with torch.inference_mode():

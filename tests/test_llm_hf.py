@@ -1,0 +1,180 @@
+"""The local transformers backend: batching, seeded sampling, token accounting, failures, SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+
+from teams_rl.errors import TeamsRLError
+from teams_rl.llm.cache import RequestCache
+from teams_rl.llm.client import LLMClient
+from teams_rl.llm.hf_backend import HFBackend, split_generation
+from teams_rl.llm.types import ChatRequest
+
+PROMPTS = [
+    "Hi",
+    "Rewrite this instruction so that it needs two more reasoning steps: sort a list of numbers.",
+    "What is two plus two?",
+    "x",
+    "Explain, in detail and with one worked example, why the sky looks blue during the day but red at sunset.",
+    "Name a colour.",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_llama_dir):
+    b = HFBackend(tiny_llama_dir, batch_size=4, show_progress=False)
+    yield b
+    b.close()
+
+
+def _requests(**kwargs):
+    return [ChatRequest.chat(p, system="Be brief." if i % 2 else None, **kwargs) for i, p in enumerate(PROMPTS)]
+
+
+def _with_batch_size(backend, size, requests):
+    old, backend.batch_size = backend.batch_size, size
+    try:
+        return backend.complete(requests)
+    finally:
+        backend.batch_size = old
+
+
+def test_greedy_batched_equals_unbatched(backend):
+    requests = _requests(max_tokens=10, temperature=0.0)
+    batched = _with_batch_size(backend, 4, requests)
+    single = _with_batch_size(backend, 1, requests)
+    assert len({len(r.message_dicts()[-1]["content"]) for r in requests}) == len(requests)  # mixed lengths
+    assert all(a.ok and a.text for a in batched)
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert [a.completion_tokens for a in batched] == [a.completion_tokens for a in single]
+    assert len({a.text for a in batched}) > 1  # the answers depend on the prompt
+
+
+def test_sampling_is_reproducible_per_seed(backend):
+    first = backend.complete(_requests(max_tokens=12, temperature=1.0, top_p=0.95, seed=7))
+    again = _with_batch_size(backend, 1, _requests(max_tokens=12, temperature=1.0, top_p=0.95, seed=7))
+    other = backend.complete(_requests(max_tokens=12, temperature=1.0, top_p=0.95, seed=8))
+    greedy = backend.complete(_requests(max_tokens=12, temperature=0.0))
+    assert [a.text for a in first] == [a.text for a in again]  # same seed, any batch size
+    assert all(a.text != b.text for a, b in zip(first, other, strict=True))
+    assert all(a.text != b.text for a, b in zip(first, greedy, strict=True))
+
+
+def test_token_counts_and_max_tokens(backend):
+    requests = [ChatRequest.chat(p, max_tokens=n, temperature=0.0) for p, n in zip(PROMPTS, [1, 3, 7, 12, 5, 2], strict=True)]
+    answers = backend.complete(requests)
+    tok = backend.tokenizer
+    for request, answer in zip(requests, answers, strict=True):
+        expected_prompt = tok.apply_chat_template(request.message_dicts(), add_generation_prompt=True, tokenize=False)
+        assert answer.prompt_tokens == len(tok(expected_prompt, add_special_tokens=False)["input_ids"])
+        assert answer.completion_tokens == request.max_tokens
+        assert answer.finish_reason == "length"
+        assert answer.latency_s > 0
+    longer = backend.complete([ChatRequest.chat(PROMPTS[0], max_tokens=12, temperature=0.0)])[0]
+    assert longer.text.startswith(answers[0].text)  # greedy: a shorter limit is a prefix of a longer one
+
+
+def test_stops_at_eos_and_chat_end(tiny_llama_dir):
+    b = HFBackend(tiny_llama_dir, show_progress=False)
+    b.complete([ChatRequest.chat("warm up", max_tokens=1)])
+    tok = b.tokenizer
+    assert b._stop_ids == {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    b.model.lm_head.weight.data.zero_()  # all logits equal: greedy picks token 0, which is EOS
+    assert tok.eos_token_id == 0
+    answer = b.complete([ChatRequest.chat("Hi", max_tokens=8, temperature=0.0)])[0]
+    assert (answer.text, answer.completion_tokens, answer.finish_reason) == ("", 1, "stop")
+    b.close()
+    assert b.model is None
+
+
+def test_generate_kwargs_apply_and_key_the_cache(tiny_llama_dir):
+    b = HFBackend(tiny_llama_dir, generate_kwargs={"min_new_tokens": 3}, show_progress=False)
+    assert b.model_id == f"hf/{tiny_llama_dir}?min_new_tokens=3"
+    b.complete([ChatRequest.chat("warm up", max_tokens=1)])  # min_new_tokens is capped at max_tokens
+    b.model.lm_head.weight.data.zero_()  # EOS (token 0) wins as soon as it is allowed
+    answer = b.complete([ChatRequest.chat("Hi", max_tokens=8, temperature=0.0)])[0]
+    assert (answer.completion_tokens, answer.finish_reason) == (4, "stop")
+    b.close()
+
+
+def test_split_generation():
+    assert split_generation([5, 6, 2, 7], {2}, 10) == ([5, 6], 3, "stop")
+    assert split_generation([5, 6, 7, 8], {2}, 3) == ([5, 6, 7], 3, "length")
+    assert split_generation([5, 6, 7, 2], {2}, 3) == ([5, 6, 7], 3, "length")  # stop beyond the limit
+    assert split_generation([3, 1, 1], {2, 3}, 3) == ([], 1, "stop")
+
+
+def test_client_cache_makes_second_call_free(backend, tmp_path, monkeypatch):
+    cache = RequestCache(tmp_path / "cache.sqlite")
+    client = LLMClient("instructor", backend, sampling={"temperature": 0.7, "top_p": 0.9, "max_tokens": 6, "seed": 1},
+                       cache=cache)
+    requests = [ChatRequest.chat(p) for p in PROMPTS[:3]]
+    first = client.complete(requests)
+    calls = []
+    original = backend.complete
+    monkeypatch.setattr(backend, "complete", lambda reqs: calls.append(reqs) or original(reqs))
+    second = client.complete(requests)
+    cache.close()
+    assert calls == []
+    assert [a.text for a in second] == [a.text for a in first] and all(a.cached for a in second)
+    total = client.account.summary()
+    assert (total["queries"], total["cache_hits"], total["completion_tokens"]) == (3, 3, 18)
+
+
+def test_failures_come_back_per_request(tiny_llama_dir, monkeypatch):
+    import torch
+
+    b = HFBackend(tiny_llama_dir, batch_size=4, max_input_tokens=60, show_progress=False)
+    original = b._generate
+    seen = []
+
+    def flaky(rows):
+        seen.append(len(rows))
+        if len(rows) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(r.index == 3 for r in rows):
+            raise RuntimeError("boom")
+        return original(rows)
+
+    monkeypatch.setattr(b, "_generate", flaky)
+    requests = _requests(max_tokens=4, temperature=0.0) + [ChatRequest.chat("word " * 100, max_tokens=4)]
+    answers = b.complete(requests)
+    assert b.batch_size == 2  # an OOM halves the batch size for the rest of the run
+    assert seen[0] == 4 and max(seen[1:]) <= 2
+    assert answers[3].error == "RuntimeError: boom" and answers[3].text == ""
+    assert "max_input_tokens" in answers[6].error and answers[6].prompt_tokens > 60  # never sent
+    assert all(answers[i].ok and answers[i].completion_tokens == 4 for i in (0, 1, 2, 4, 5))
+
+
+def test_bad_model_path_fails_at_construction(tmp_path):
+    with pytest.raises(TeamsRLError, match="does not exist"):
+        HFBackend(str(tmp_path / "missing"))
+    with pytest.raises(TeamsRLError, match="GGUF file"):
+        HFBackend(str(tmp_path / "missing.gguf"))
+    with pytest.raises(TeamsRLError, match="HF_HUB_OFFLINE=1"):  # conftest runs offline
+        HFBackend("teams-rl-tests/not-a-cached-model")
+
+
+def test_cpu_always_runs_float32(tiny_llama_dir):
+    for dtype in ("bfloat16", "auto", "float32"):
+        assert HFBackend(tiny_llama_dir, dtype=dtype, device="cpu")._resolve_device_dtype() == ("cpu", "float32")
+
+
+@pytest.mark.slow
+def test_smollm2_answers_coherently():
+    from teams_rl.models import smollm2_gguf_path
+
+    b = HFBackend("smollm2", batch_size=2, show_progress=False)
+    capital, rewrite = b.complete([
+        ChatRequest.chat("What is the capital of France?", max_tokens=16, temperature=0.0),
+        ChatRequest.chat("Rewrite the following instruction to make it more specific. "
+                         "Instruction: Write a poem.", max_tokens=16, temperature=0.7, top_p=0.95, seed=0),
+    ])
+    b.close()
+    assert "Paris" in capital.text and capital.finish_reason == "stop"
+    assert rewrite.ok and len(rewrite.text.split()) >= 5
+    # the GGUF file itself loads through the same backend and gives the same greedy answer
+    gguf = HFBackend(str(smollm2_gguf_path()), show_progress=False)
+    same = gguf.complete([ChatRequest.chat("What is the capital of France?", max_tokens=16, temperature=0.0)])[0]
+    gguf.close()
+    assert same.text == capital.text
