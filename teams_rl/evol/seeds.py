@@ -15,10 +15,11 @@ Config keys (`conf/seeds/*.yaml`):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from teams_rl.errors import TeamsRLError
 

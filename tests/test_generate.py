@@ -1,0 +1,237 @@
+"""The generate stage end to end on the tiny seeds with a deterministic test backend (tests/generate_fakes.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.generate_fakes import fake_llm_overrides
+
+# A policy stage that costs almost nothing: a fixed schedule, one tiny update, a reward without MiniLM.
+FAST_POLICY = ["reward=reviewer_judge", "policy.updates=1", "policy.n_envs=1", "policy.steps_per_update=1",
+               "policy.progress=false"]
+FIXED = ["rl=fixed", "rl.schedule=[add_constraints,deepening,concretizing]"]
+QUIET = ["generate.embedding_stats=false", "generate.progress=false"]
+# Steps 1 and 3 in-depth (the fixed schedule), step 2 forced in-breadth; in-breadth never chosen elsewhere.
+PAPER_RULES = ["generate.episode_length=3", "generate.rules.forced_breadth_steps=[2]",
+               "generate.rules.replace_breadth_with=add_constraints", "filters.rouge_l.against_seeds=true"]
+
+
+def _generate(compose, tmp_path, overrides, name="run"):
+    from teams_rl.pipeline import run_pipeline
+
+    cfg = compose(fake_llm_overrides() + FAST_POLICY + QUIET + ["stages=[generate]"] + overrides)
+    metrics = run_pipeline(cfg, tmp_path / name)["generate"]
+    manifest = json.loads((tmp_path / name / "run_manifest.json").read_text())
+    folder = Path(manifest["stages"]["generate"]["folder"])
+    return cfg, metrics, folder, json.loads((folder / "manifest.json").read_text())
+
+
+def _journal(folder: Path, kind: str) -> dict[str, dict]:
+    rows = [json.loads(line) for line in (folder / "journal.jsonl").read_text().splitlines()]
+    return {r["key"]: r for r in rows if r["kind"] == kind}
+
+
+@pytest.mark.slow
+def test_generate_tiny_end_to_end(compose, tmp_path):
+    import datasets
+
+    cfg, m, folder, manifest = _generate(compose, tmp_path, FIXED + PAPER_RULES + ["seeds.limit=10"])
+
+    # 10 seeds x 3 steps; injected failures (see generate_fakes): Fibonacci seed fails all 3 evolutions,
+    # poem -> sorry answer, sentiment -> "given prompt", virus -> 3-word rewrite, "Solve for x" -> near-copy.
+    assert m["evolutions"] == 30
+    assert m["dropped/evolution_failed"] == 3
+    assert m["dropped/rule2_sorry_short_answer"] == 1
+    assert m["dropped/rule4_copied_prompt_words"] == 1
+    assert m["dropped/alpaca_length"] == 1
+    assert m["dropped/rouge_l_near_duplicate"] == 1
+    assert m["dropped"] == 7 and m["dataset/size"] == 23
+    assert m["dataset/train"] + m["dataset/heldout"] == 23 and m["dataset/heldout"] >= 1
+
+    # query accounting: one evolve per step, one answer per successful evolution, no judge (rule 1 off)
+    assert m["calls/expert/evolve"] == 30 and m["calls/expert/answer"] == 27 and m["calls/total"] == 57
+    expert = manifest["llm"]["expert"]["by_purpose"]
+    assert expert["evolve"]["queries"] == 30 and expert["answer"]["queries"] == 27
+    assert "reviewer" not in manifest["llm"]
+
+    # lineage and the generation rules
+    evolved = _journal(folder, "evolve")
+    seeds = {json.loads(x)["id"]: json.loads(x) for x in
+             (REPO / "teams_rl/assets/seeds_tiny.jsonl").read_text().splitlines()[:10]}
+    for rec in evolved.values():
+        expected_op = {1: "add_constraints", 2: "breadth", 3: "concretizing"}[rec["step"]]
+        assert rec["operator"] == expected_op
+        if rec["parent_id"] in seeds:
+            seed = seeds[rec["parent_id"]]
+            assert rec["parent"] == (seed["instruction"] + ("\n" + seed["input"] if seed["input"] else ""))
+        else:
+            parent = evolved[rec["parent_id"]]
+            assert parent["seed_id"] == rec["seed_id"] and parent["step"] < rec["step"]
+            assert rec["parent"] == parent["instruction"]
+    # a failed evolution leaves the chain at its parent: the Fibonacci seed's 3 steps all start from the seed
+    assert [evolved[f"tiny-003/{s}"]["parent_id"] for s in (1, 2, 3)] == ["tiny-003"] * 3
+
+    # outputs
+    ds = datasets.load_from_disk(str(folder / "dataset"))
+    assert set(ds) == {"train", "heldout"} and len(ds["train"]) == m["dataset/train"]
+    assert set(ds["train"]["seed_id"]).isdisjoint(ds["heldout"]["seed_id"])
+    assert set(ds["train"]["id"]).isdisjoint(ds["heldout"]["id"])
+    alpaca = json.loads((folder / "alpaca.json").read_text())
+    heldout = json.loads((folder / "heldout.json").read_text())
+    assert len(alpaca) == m["dataset/train"] and len(heldout) == m["dataset/heldout"]
+    assert all(set(r) == {"instruction", "input", "output"} and r["instruction"] and r["output"] for r in alpaca)
+    assert {r["instruction"] for r in alpaca}.isdisjoint(r["instruction"] for r in heldout)
+    dropped = [json.loads(x) for x in (folder / "dropped.jsonl").read_text().splitlines()]
+    assert len(dropped) == 7 and {d["id"] for d in dropped if d["drop_reason"] == "evolution_failed"} == \
+        {"tiny-003/1", "tiny-003/2", "tiny-003/3"}
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["operator_mix"]["breadth"] == 9 and sum(stats["operator_mix"].values()) == 23
+    card = (folder / "README.md").read_text()
+    assert "| final records | 23 |" in card and "calls/expert/evolve | 30" in card
+    assert (folder / "lengths.png").stat().st_size > 0 and (folder / "operators.png").stat().st_size > 0
+
+
+def test_rules_choose_bias_forced_and_replaced():
+    from teams_rl.stages.generate import Rules
+
+    rules = Rules(frozenset({1, 4}), np.array([0.0, 0.7, 0, 0, 0, 0]), 1, (0,))
+    assert rules.choose(np.array([0.0, 0, 0, 0, 0, 5.0]), step=1) == 0        # forced in-breadth
+    assert rules.choose(np.array([0.5, 0.0, 0.6, 0, 0, 0]), step=2) == 1      # +0.7 bias wins
+    assert rules.choose(np.array([3.0, 0.0, 0.6, 0, 0, 0]), step=3) == 1      # in-breadth replaced
+    assert rules.choose(np.array([0.0, 0.0, 0.9, 0, 0, 0]), step=5) == 2
+
+
+@pytest.mark.slow
+def test_wizardlm_baseline_and_query_cost_table(compose, tmp_path):
+    from teams_rl.evol.costs import main as costs_main
+    from teams_rl.evol.costs import query_cost_table
+
+    seeds = ["seeds.limit=6"]
+    wizard_over = ["+experiment=wizardlm_baseline"] + seeds + fake_llm_overrides(equal_every=3)
+    _, w, wfolder, wman = _generate(compose, tmp_path, wizard_over, "wizard")
+    assert w["mode"] == "wizardlm" and w["episode_length"] == 4
+    evolved, answers, judged = _journal(wfolder, "evolve"), _journal(wfolder, "answer"), _journal(wfolder, "judge")
+    assert len(evolved) == 6 * 4 and w["calls/expert/evolve"] == 24
+    ok = [k for k, e in evolved.items() if e["instruction"] is not None]
+    assert set(answers) == set(ok) and w["calls/expert/answer"] == len(ok)
+    assert set(judged) == set(ok) and w["calls/reviewer/judge"] == len(ok)
+    # an evolution that failed elimination goes back to the pool: the next round retries from its parent
+    elimination = {"evolution_failed", "rule1_no_information_gain", "rule2_sorry_short_answer",
+                   "rule3_only_punctuation_stopwords", "rule4_copied_prompt_words"}
+    dropped = [json.loads(x) for x in (wfolder / "dropped.jsonl").read_text().splitlines()]
+    failed = {d["id"] for d in dropped if d["drop_reason"] in elimination}
+    assert {k for k in ok if not judged[k]["not_equal"]} <= failed
+    assert {k for k, e in evolved.items() if e["instruction"] is None} <= failed
+    for seed in {e["seed_id"] for e in evolved.values()}:
+        parent = seed
+        for r in range(1, 5):
+            key = f"{seed}/{r}"
+            assert evolved[key]["parent_id"] == parent
+            if key not in failed:
+                parent = key
+    assert w["dropped/rule1_no_information_gain"] == sum(1 for k in ok if not judged[k]["not_equal"])
+
+    _, t, _, tman = _generate(compose, tmp_path, FIXED + seeds, "teams")
+    table = query_cost_table(tman, wman)
+    text = table.to_markdown()
+    assert "calls: expert / evolve" in text and "5.73%" in text and "6.75%" in text
+
+    def accounted(man, role, purpose):  # every request either reached the backend or the cache
+        c = man["llm"].get(role, {}).get("by_purpose", {}).get(purpose, {})
+        return c.get("queries", 0) + c.get("cache_hits", 0)
+
+    for role, purpose in (("expert", "evolve"), ("expert", "answer"), ("reviewer", "judge")):
+        row = table.row(f"calls: {role} / {purpose}")
+        assert row.teams == accounted(tman, role, purpose)
+        assert row.wizard == accounted(wman, role, purpose)
+    assert table.row("calls: expert / evolve").teams == 6 * 3 and table.row("calls: expert / evolve").wizard == 24
+    total = table.row("calls: all roles")
+    assert total.teams == t["calls/total"] and total.wizard == w["calls/total"]
+    assert total.ratio == pytest.approx(t["calls/total"] / w["calls/total"])
+    size = table.row("dataset size (final instructions)")
+    assert (size.teams, size.wizard) == (t["dataset/size"], w["dataset/size"])
+    x = table.row("calls extrapolated to 52,002 seeds")
+    assert x.teams == round(t["calls/total"] / 6 * 52002)
+    md, csv_path = table.save(tmp_path / "report")
+    assert md.read_text().count("\n|") >= len(table.rows) and csv_path.read_text().startswith("quantity,")
+    # the CLI finds the newest TeaMs-RL / WizardLM pair on the same seeds and writes the same table
+    assert costs_main(["--artifacts", str(tmp_path / "artifacts"), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "query_costs.csv").read_text() == csv_path.read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_resume_matches_uninterrupted_run(compose, tmp_path, monkeypatch):
+    """Kill a real `python -m teams_rl` generation at a random point, restart it, compare with a run that was
+    never interrupted; then a rerun of the finished generation sends zero requests."""
+    from teams_rl.pipeline import run_pipeline
+
+    overrides = (fake_llm_overrides(latency_s=0.05) + FAST_POLICY + FIXED + PAPER_RULES + QUIET +
+                 ["stages=[generate]", "seeds.limit=12", "generate.chunk_size=2"])
+    # reference: uninterrupted, in-process
+    ref_cfg = compose(overrides, artifacts=tmp_path / "ref")
+    run_pipeline(ref_cfg, tmp_path / "ref_run")
+    ref_folder = next((tmp_path / "ref" / "generate").glob("*/manifest.json")).parent
+
+    # the killed run: the policy artifact first (in-process), then generate in a subprocess
+    art = tmp_path / "killed"
+    run_pipeline(compose([o for o in overrides if not o.startswith("stages=")] + ["stages=[policy]"],
+                         artifacts=art), tmp_path / "pol_run")
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "EVOLFAKE_CALLS_FILE": str(calls), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "teams_rl", "logger=none", f"paths.artifacts={art}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"] + overrides
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    kill_after = random.Random().randint(3, 40)  # journal lines; a full run writes 36 evolve + 33 answer
+    journal = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = list((art / "generate").glob("*/journal.jsonl")) if (art / "generate").exists() else []
+        if found:
+            journal = found[0]
+            if len(journal.read_bytes().split(b"\n")) > kill_after:
+                break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"generation ended before the kill: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (journal.parent / "manifest.json").exists()
+    partial = len(journal.read_text().splitlines())
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = journal.parent
+    for name in ("alpaca.json", "heldout.json", "dropped.jsonl"):
+        assert (folder / name).read_text() == (ref_folder / name).read_text(), name
+    lines = [json.loads(x) for x in (folder / "journal.jsonl").read_text().splitlines()]
+    keys = [(r["kind"], r["key"]) for r in lines]
+    assert len(keys) == len(set(keys)) == 36 + 33  # no duplicate, none lost
+
+    def strip(rows):
+        return {(r["kind"], r["key"]): {k: v for k, v in r.items() if k != "cached"} for r in rows}
+
+    ref_lines = [json.loads(x) for x in (ref_folder / "journal.jsonl").read_text().splitlines()]
+    assert strip(lines) == strip(ref_lines)
+    sent = len(calls.read_text().splitlines())
+    # both processes together asked for each request once, plus at most the one batch in flight at the kill
+    assert 69 <= sent <= 69 + 6, (sent, partial)
+
+    # a rerun of a finished generation (manifest removed, so the stage really runs again) sends nothing
+    (folder / "manifest.json").unlink()
+    before = len(calls.read_text().splitlines())
+    monkeypatch.setenv("EVOLFAKE_CALLS_FILE", str(calls))
+    run_pipeline(compose(overrides, artifacts=art), tmp_path / "rerun")
+    assert len(calls.read_text().splitlines()) == before
+    rerun = json.loads((folder / "manifest.json").read_text())
+    assert rerun["llm"] == {} and rerun["metrics"]["calls/total"] == 69
