@@ -45,6 +45,21 @@ def fingerprint(stage: str, version: int | str, slice_: dict, input_fingerprints
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def content_hash(path: str | Path) -> str | None:
+    """sha256 of a file, or of every file under a folder (relative names included); None if missing."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON so that readers see either the old file or the whole new one, never a partial one."""
     path = Path(path)

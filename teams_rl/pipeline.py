@@ -5,6 +5,8 @@ A stage is a module `teams_rl.stages.<name>` with:
   CONFIG_KEYS: list[str]       dotted config keys the output depends on (or `config_keys(cfg)`)
   INPUTS: list[str]            stages whose artifacts it reads (or `inputs(cfg)`)
   RESUMABLE: bool              keep an unfinished folder so the stage can resume from it (default False)
+  fingerprint_extra(cfg)       optional: more values the output depends on (e.g. the content hash of a
+                               user-given input file, so editing it in place is not served a stale result)
   run(cfg, ctx) -> dict        does the work into `ctx.out_dir`, returns flat metrics
 """
 
@@ -80,7 +82,11 @@ def fingerprints(cfg: DictConfig, names: list[str]) -> dict[str, str]:
     for name in names:  # `plan` order: inputs come first
         module = load_stage(name)
         ins = {dep: fps[dep] for dep in stage_inputs(module, cfg)}
-        fps[name] = fingerprint(name, getattr(module, "VERSION", 1), config_slice(cfg, stage_config_keys(module, cfg)), ins)
+        slice_ = config_slice(cfg, stage_config_keys(module, cfg))
+        extra = getattr(module, "fingerprint_extra", None)
+        if callable(extra):
+            slice_["_extra"] = extra(cfg)
+        fps[name] = fingerprint(name, getattr(module, "VERSION", 1), slice_, ins)
     return fps
 
 

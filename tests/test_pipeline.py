@@ -128,3 +128,13 @@ def test_multirun_of_two_jobs_computes_shared_stage_once(tmp_path):
         statuses.append(manifest["stages"]["llm_check"]["status"])
     assert statuses == ["ran", "cached"]
     assert len(list((tmp_path / "a" / "llm_check").glob("*/manifest.json"))) == 1
+
+
+def test_a_user_given_input_file_counts_by_content(compose, tmp_path):
+    data = tmp_path / "alpaca.json"
+    data.write_text('[{"instruction": "a", "input": "", "output": "b"}]')
+    overrides = ["stages=[finetune]", f"finetune.dataset={data}"]
+    before = fp(compose(overrides), "finetune")
+    assert fp(compose(overrides), "finetune") == before
+    data.write_text('[{"instruction": "a", "input": "", "output": "c"}]')
+    assert fp(compose(overrides), "finetune") != before
