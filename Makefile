@@ -10,7 +10,9 @@ export WANDB_MODE
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast bench lint clean
+SEEDS ?= 0
+.PHONY: help install demo test test-fast bench lint clean repro-smoke repro-queries repro-llama7b repro-llama2 \
+	ablate-operators ablate-rl report
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +39,27 @@ test-fast: install ## the suite without tests marked slow (~1 min)
 
 bench: install ## run every benchmark; each prints a ratio against a baseline measured in the same run
 	@set -e; for b in experiments/bench/bench_*.py; do echo "== $$b"; $(OFFLINE) $(PY) $$b; done
+
+repro-smoke: install ## whole pipeline, tiny & offline -> outputs/smoke/<time>/report/report.md (2 CPU cores: ~2-3 min)
+	$(OFFLINE) $(PY) -m teams_rl +experiment=smoke
+
+repro-queries: install ## query/size table at small scale, offline: TeaMs-RL vs WizardLM on the same 4 tiny seeds (2 CPU cores: ~4 min)
+	$(OFFLINE) $(PY) -m teams_rl -m +experiment=queries_small,queries_small_wizardlm experiment_name=repro_queries
+
+repro-llama7b: install ## paper main run + WizardLM-data baseline, Llama-1-7b (4 GPUs >=40 GB, OPENAI_API_KEY, hub; est. 2-4 days)
+	$(PY) -m teams_rl -m +experiment=llama7b,llama7b_wizardlm experiment_name=repro_llama7b
+
+repro-llama2: install ## Llama-2-7b and -13b on the llama7b policy + data from the cache (4 GPUs per job; est. ~1 day each)
+	$(PY) -m teams_rl -m +experiment=llama2_7b,llama2_13b experiment_name=repro_llama2
+
+ablate-operators: install ## operator-set ablation at smoke scale, offline; SEEDS=0,1,2 for mean ± std (2 CPU cores: ~1 min per job)
+	$(OFFLINE) $(PY) -m teams_rl -m +experiment=smoke operators=teams_rl,wizardlm,in_depth_only,no_breadth seed=$(SEEDS) experiment_name=ablate_operators
+
+ablate-rl: install ## RL ablation (trpo_paper, trpo, ppo, random) at smoke scale, offline; SEEDS=0,1,2 (2 CPU cores: ~1 min per job)
+	$(OFFLINE) $(PY) -m teams_rl -m +experiment=smoke rl=trpo_paper,trpo,ppo,random seed=$(SEEDS) experiment_name=ablate_rl
+
+report: install ## re-render a run's or sweep's report: make report DIR=multirun/ablate_rl/<time> (default: the newest; seconds)
+	$(OFFLINE) $(PY) -m teams_rl.report $(or $(DIR),$(shell ls -dt outputs/*/* multirun/*/* 2>/dev/null | head -1))
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check teams_rl tests experiments

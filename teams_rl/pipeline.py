@@ -211,6 +211,9 @@ def _run_stage(name, cfg, fps, store, llms, run_dir, run_manifest) -> dict:
         if manifest is not None:
             log.info("stage %s: reusing %s", name, store.folder(name, fp))
             entry.update(status="cached", duration_s=0.0)
+            hook = getattr(module, "on_cached", None)  # e.g. the report publishes itself into this run dir
+            if callable(hook):
+                hook(cfg, store.folder(name, fp), run_dir)
             return manifest.get("metrics", {})
 
         out_dir = store.prepare(name, fp, getattr(module, "RESUMABLE", False))

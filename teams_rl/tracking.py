@@ -26,6 +26,23 @@ def resolved_config(cfg: DictConfig) -> dict:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
+# Config groups whose choice is worth filtering runs by in the wandb UI.
+TAGGED_GROUPS = ("operators", "rl", "reward", "target", "expert", "instructor", "seeds", "eval")
+
+
+def _hydra_job() -> tuple[int | None, list[str]]:
+    """(job number in a multirun or None, tags like `operators=teams_rl`) when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, []
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
+    tags = [f"{g}={choices[g]}" for g in TAGGED_GROUPS if choices.get(g)]
+    job = hydra_cfg.job.get("num") if str(hydra_cfg.mode) == "RunMode.MULTIRUN" else None
+    return job, tags
+
+
 class StageTracker:
     """Logs one stage's metrics to `<run_dir>/metrics/<stage>.jsonl` and, unless disabled, to wandb."""
 
@@ -40,13 +57,15 @@ class StageTracker:
             import wandb
 
             mode = os.environ.get("WANDB_MODE") or logger.get("mode", "offline")
+            job, choices = _hydra_job()
+            name = f"{cfg.get('experiment_name')}-{stage}" + (f"-job{job}" if job is not None else "")
             self._run = wandb.init(
                 project=logger.get("project", "teams_rl"),
                 entity=logger.get("entity"),
                 group=logger.get("group") or cfg.get("experiment_name"),
                 job_type=stage,
-                name=f"{cfg.get('experiment_name')}-{stage}",
-                tags=list(logger.get("tags") or []),
+                name=name,
+                tags=list(logger.get("tags") or []) + choices,
                 config=resolved_config(cfg),
                 dir=str(self.run_dir),
                 mode=mode,

@@ -1,0 +1,249 @@
+"""The report: tables, figures and wandb logging from finished artifacts; sweep aggregation; the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from teams_rl.pipeline import StageContext
+from teams_rl.report.collect import RunResults
+from teams_rl.report.paper import PaperResults
+from tests.report_fixtures import OPS, build_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RESULT_STAGES = ("policy", "generate", "finetune", "evaluate_base", "evaluate", "privacy")
+
+
+class RecordingTracker:
+    """A StageTracker stand-in that remembers what would go to wandb."""
+
+    def __init__(self):
+        self.tables: dict[str, tuple[list, list]] = {}
+        self.images: dict[str, Path] = {}
+        self.logged: dict = {}
+
+    def log(self, metrics, step=None):
+        self.logged.update(metrics)
+
+    def log_table(self, key, columns, rows):
+        self.tables[key] = (columns, rows)
+
+    def log_image(self, key, path):
+        self.images[key] = Path(path)
+
+
+def read_csv(path: Path) -> dict[str, list[str]]:
+    with open(path) as fh:
+        rows = list(csv.reader(fh))
+    return {row[0]: row for row in rows}
+
+
+def run_report_stage(tmp_path, ours: Path, compare_with=(), stages=RESULT_STAGES + ("report",)):
+    from teams_rl.stages import report
+
+    cfg = OmegaConf.create({"experiment_name": "fixture", "stages": list(stages), "report": {
+        "title": None, "compare_with": [str(p) for p in compare_with], "primary_attack": "loss", "figures": True,
+        "dpi": 60, "paper_results": None}})
+    results = RunResults.from_run_dir(ours)
+    out_dir, run_dir = tmp_path / "report_artifact", tmp_path / "the_run"
+    out_dir.mkdir()
+    tracker = RecordingTracker()
+    ctx = StageContext("report", cfg, out_dir, run_dir, "fp", dict(results.folders), dict(results.manifests), None,
+                       tracker)
+    metrics = report.run(cfg, ctx)
+    return metrics, out_dir, run_dir, tracker
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    ours = build_run(root, "fixture", mia_shift=0.4)
+    wizard = build_run(root, "wizard", mode="wizardlm", tuned={"arc_challenge": 0.4, "hellaswag": 0.3, "mmlu": 0.25,
+                                                                "truthfulqa_mc2": 0.4}, mia_shift=1.5)
+    return ours, wizard
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, two_runs):
+    """The report stage run once on the fixture run, with the WizardLM-baseline run beside it."""
+    ours, wizard = two_runs
+    return run_report_stage(tmp_path_factory.mktemp("stage"), ours, compare_with=[wizard])
+
+
+def test_report_stage_tables_match_the_metrics_files(two_runs, rendered):
+    ours, wizard = two_runs
+    metrics, out_dir, run_dir, _ = rendered
+    ev = json.loads((RunResults.from_run_dir(ours).folders["evaluate"] / "manifest.json").read_text())["metrics"]
+
+    bench = read_csv(out_dir / "openllm_v1.csv")
+    assert bench["fine-tuned: fixture"][1:] == [f"{100 * ev[f'finetuned/{k}']:.2f}" for k in
+                                                ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "average")]
+    assert bench["base: tiny_llama"][1] == "25.00"
+    assert bench["fine-tuned: wizard"][1] == "40.00"
+    paper = bench["TeaMs-RL Llama-1-7b (paper)"]
+    assert paper[1:] == ["54.35", "not reported", "not reported", "not reported", "not reported"]
+    assert bench["WizardLM-7b (paper)"][1] == "not reported"
+
+    priv = list(csv.reader(open(out_dir / "privacy.csv")))
+    header, rows = priv[0], priv[1:]
+    loss = next(r for r in rows if r[0] == "fixture" and r[1] == "LOSS")
+    pm = RunResults.from_run_dir(ours).metrics("privacy")
+    assert loss[header.index("AUC")] == f"{pm['loss/auc']:.3f}"
+    assert loss[header.index("AUC 95% CI")] == f"[{pm['loss/auc_ci_low']:.3f}, {pm['loss/auc_ci_high']:.3f}]"
+    assert header[4:6] == ["TPR@0.1% FPR", "TPR@1% FPR"]
+    assert [r[2] for r in rows if "(paper)" in r[0]] == ["0.47", "0.72"]
+
+    # TeaMs-RL (8 + 8 expert calls, 8 records) vs WizardLM (16 + 16 expert + 16 judge, 12 records)
+    costs = read_csv(out_dir / "query_costs.csv")
+    assert costs["calls: expert (all purposes)"][1:4] == ["16", "32", "50.00%"]
+    assert costs["calls: all roles"][1:4] == ["16", "48", "33.33%"]
+    assert costs["dataset size (final instructions)"][1:4] == ["8", "12", "66.67%"]
+    assert "5.73%" in costs["calls: all roles"][4]
+    assert metrics["expert_query_ratio"] == pytest.approx(0.5)
+    assert metrics["dataset_size_ratio"] == pytest.approx(8 / 12)
+    assert metrics["loss_auc"] == pytest.approx(pm["loss/auc"])
+
+    claims = read_csv(out_dir / "claims.csv")
+    assert claims["expert queries, TeaMs-RL / WizardLM"][1] == "5.73%"
+    assert claims["expert queries, TeaMs-RL / WizardLM"][3] == "50.00%"
+    assert claims["ARC of the fine-tuned model (%)"][1:2] + claims["ARC of the fine-tuned model (%)"][3:4] == [
+        "54.35", "50.00"]
+    assert claims["membership-inference AUC, baseline model"][3].startswith(
+        f"{RunResults.from_run_dir(wizard).metric('privacy', 'loss/auc'):.3f}")
+
+    policy = read_csv(out_dir / "policy.csv")
+    assert policy["fixture"][5] == "0.600"      # final mean reward of the fixture's history
+    dataset = read_csv(out_dir / "dataset.csv")
+    assert dataset["generated: fixture (teams_rl)"][1] == "8"
+
+
+def test_report_stage_writes_figures_publishes_and_logs(rendered):
+    _, out_dir, run_dir, tracker = rendered
+    expected = {"policy_learning_curve", "operator_mix", "dataset_diversity", "benchmark_bars", "roc_curves"}
+    for name in expected:
+        png = out_dir / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000, name
+    md = (out_dir / "report.md").read_text()
+    for name in expected:
+        assert f"](figures/{name}.png)" in md
+    assert "| ARC | HellaSwag | MMLU | TruthfulQA | average |" in md
+    assert "not reported" in md and "54.35" in md
+    # published next to the run, without the artifact's manifest
+    assert (run_dir / "report" / "report.md").read_text() == md
+    assert (run_dir / "report" / "figures" / "roc_curves.png").is_file()
+    assert (run_dir / "report" / "openllm_v1.csv").is_file()
+    # wandb: every table and figure under report/*, the stages' LLM accounting under cost/*
+    assert {f"report/{n}" for n in expected} == set(tracker.images)
+    assert {"report/openllm_v1", "report/privacy", "report/query_costs", "report/claims"} <= set(tracker.tables)
+    assert tracker.logged["cost/policy/instructor/queries"] == 8
+    assert all(k.startswith("cost/") for k in tracker.logged)
+
+
+def test_report_without_results_shows_the_paper_numbers(tmp_path):
+    root = tmp_path / "empty"
+    (root).mkdir()
+    (root / "run_manifest.json").write_text(json.dumps({"experiment": "empty", "stages": {}}))
+    from teams_rl.report.__main__ import main
+
+    assert main([str(root), "--no-figures"]) == 0
+    md = (root / "report" / "report.md").read_text()
+    assert "No evaluate stage in this run" in md and "No privacy stage in this run" in md
+    bench = read_csv(root / "report" / "openllm_v1.csv")
+    assert bench["TeaMs-RL Llama-1-7b (paper)"][1] == "54.35"
+
+
+def test_cli_rerenders_a_run_dir_and_an_artifact_folder(tmp_path, two_runs, capsys):
+    from teams_rl.report.__main__ import main
+
+    ours, wizard = two_runs
+    assert main([str(ours), "--compare-with", str(wizard), "--out", str(tmp_path / "a"), "--no-figures"]) == 0
+    assert read_csv(tmp_path / "a" / "query_costs.csv")["calls: all roles"][3] == "33.33%"
+    # from the evaluate artifact alone, its inputs are found in the store by fingerprint
+    folder = RunResults.from_run_dir(ours).folders["evaluate"]
+    assert main([str(folder), "--out", str(tmp_path / "b"), "--no-figures"]) == 0
+    loaded = RunResults.load(folder)
+    assert set(loaded.folders) == {"policy", "generate", "finetune", "evaluate_base", "evaluate"}
+    assert read_csv(tmp_path / "b" / "openllm_v1.csv")[f"fine-tuned: {loaded.label}"][1] == "50.00"
+    assert main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing'}: no such directory"
+
+
+def make_sweep(root: Path) -> Path:
+    sweep = root / "sweep"
+    n = 0
+    for ops, rewards_by_seed in (("teams_rl", {1: (0.2, 0.4), 2: (0.2, 0.6)}), ("no_breadth", {1: (0.1, 0.1), 2: (0.1, 0.3)})):
+        for seed, rewards in rewards_by_seed.items():
+            build_run(sweep, str(n), rewards=rewards, seed=seed, salt=f"{ops}{seed}", mia_shift=0.2 * seed,
+                      operators=OPS if ops == "teams_rl" else ["add_constraints", "deepening"],
+                      overrides=["+experiment=smoke", f"operators={ops}", f"seed={seed}"])
+            n += 1
+    # build_run puts artifacts under sweep/artifacts; it is not a job (no run_manifest.json)
+    return sweep
+
+
+def test_sweep_aggregation_mean_std_over_seeds(tmp_path):
+    from teams_rl.report.sweep import aggregate_sweep, find_jobs, swept_keys
+
+    sweep = make_sweep(tmp_path)
+    jobs = find_jobs(sweep)
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    assert swept_keys(jobs) == ["operators", "seed"]
+    path = aggregate_sweep(sweep, dpi=60)
+    assert path == sweep / "report" / "report.md"
+    ablation = read_csv(sweep / "report" / "ablation.csv")
+    header = list(csv.reader(open(sweep / "report" / "ablation.csv")))[0]
+    row = ablation["operators=teams_rl"]
+    assert row[1] == "2"
+    # final rewards 0.4 and 0.6 -> 0.500 ± 0.141 (sample std)
+    assert row[header.index("policy final reward")] == "0.500 ± 0.141"
+    assert ablation["operators=no_breadth"][header.index("policy final reward")] == "0.200 ± 0.141"
+    raw = list(csv.DictReader(open(sweep / "report" / "ablation_raw.csv")))
+    assert float(raw[0]["policy/final_mean_reward/mean"]) == pytest.approx(0.5)
+    assert float(raw[0]["policy/final_mean_reward/std"]) == pytest.approx(0.1414, abs=1e-4)
+    md = path.read_text()
+    assert "swept: `operators`, `seed`" in md
+    assert (sweep / "report" / "figures" / "ablation.png").read_bytes()[:8] == PNG_MAGIC
+    bench = read_csv(sweep / "report" / "openllm_v1.csv")
+    assert bench["fine-tuned: operators=teams_rl"][1] == "50.00 ± 0.00"
+    assert bench["TeaMs-RL Llama-1-7b (paper)"][1] == "54.35"
+    cache = read_csv(sweep / "report" / "sweep_cache.csv")
+    assert cache["evaluate_base"][4] == "1"     # one base evaluation shared by the 4 jobs
+    assert cache["policy"][4] == "4"
+
+
+def test_hydra_callback_aggregates_on_multirun_end(tmp_path):
+    from teams_rl.report.callback import SweepReport
+
+    sweep = make_sweep(tmp_path)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "report": {"figures": False}})
+    SweepReport().on_multirun_end(config)
+    assert "Ablation" in (sweep / "report" / "report.md").read_text()
+    assert not (sweep / "report" / "figures").exists()
+
+
+def test_report_inputs_are_the_runs_result_stages(tmp_path):
+    from teams_rl.stages import report
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["stages=[evaluate,report]"], tmp_path)
+    assert report.inputs(cfg) == ["policy", "generate", "finetune", "evaluate_base", "evaluate"]
+    cfg = compose_config(["stages=[generate,report]"], tmp_path)
+    assert report.inputs(cfg) == ["policy", "generate"]
+    cfg = compose_config(["stages=[llm_check,report]"], tmp_path)
+    assert report.inputs(cfg) == []
+
+
+def test_paper_numbers_file_has_a_source_for_every_entry():
+    paper = PaperResults.load()
+    assert paper.value("queries.teams_rl_fraction_of_wizardlm") == 0.0573
+    assert paper.value("queries.wizardlm_total_queries") == 52_002 * 4 * 3
+    assert paper.cell("openllm_v1.teams_rl_llama1_7b.arc_challenge") == "54.35"
+    assert paper.cell("openllm_v1.teams_rl_llama1_7b.mmlu") == "not reported"
+    assert (paper.value("privacy.teams_rl"), paper.value("privacy.baseline")) == (0.47, 0.72)
+    for section in ("queries", "openllm_v1", "privacy"):
+        entries = paper.sources(section)
+        assert entries and all(source.strip() for _, source in entries)
