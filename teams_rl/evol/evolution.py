@@ -1,0 +1,58 @@
+"""Apply operators to instructions with one batched LLM call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from teams_rl.evol.operators import OperatorSet, clean_rewrite
+from teams_rl.llm.types import ChatRequest, Completion
+
+
+@dataclass
+class Rewrite:
+    """One operator application: the cleaned instruction (None when rejected or failed) and the raw answer."""
+
+    text: str | None
+    raw: str
+    completion: Completion
+
+    @property
+    def rejected(self) -> bool:
+        return self.text is None
+
+
+def evolve_detailed(client, opset: OperatorSet, instructions: Sequence[str], op_ids: Sequence[int],
+                    seeds: Sequence[int] | None = None, purpose: str = "evolve", *, max_tokens: int | None = None,
+                    temperature: float | None = None, min_words: int = 3) -> list[Rewrite]:
+    """Like `evolve`, but keeps the raw answer and the completion of every request."""
+    if len(instructions) != len(op_ids):
+        raise ValueError(f"{len(instructions)} instructions but {len(op_ids)} operator ids")
+    if seeds is not None and len(seeds) != len(instructions):
+        raise ValueError(f"{len(instructions)} instructions but {len(seeds)} seeds")
+    if not instructions:
+        return []
+    requests = [
+        ChatRequest.chat(opset.render(int(op), text), max_tokens=max_tokens, temperature=temperature,
+                         seed=None if seeds is None else int(seeds[i]), purpose=purpose)
+        for i, (text, op) in enumerate(zip(instructions, op_ids, strict=True))
+    ]
+    completions = client.complete(requests)
+    out = []
+    for completion in completions:
+        text = clean_rewrite(completion.text, min_words=min_words) if completion.ok else None
+        out.append(Rewrite(text=text, raw=completion.text or "", completion=completion))
+    return out
+
+
+def evolve(client, opset: OperatorSet, instructions: list[str], op_ids: list[int], seeds: list[int] | None = None,
+           purpose: str = "evolve", *, max_tokens: int | None = None, temperature: float | None = None,
+           min_words: int = 3) -> list[str | None]:
+    """Rewrite `instructions[i]` with operator `op_ids[i]`, all N in ONE `client.complete` call.
+
+    Returns the cleaned new instructions in order; an entry is None when the request failed or the answer
+    was rejected by `clean_rewrite` (the caller keeps the previous instruction). `seeds[i]` is the sampling
+    seed of request i (also part of its cache key). Unset `max_tokens`/`temperature` take the role's defaults.
+    """
+    return [r.text for r in evolve_detailed(client, opset, instructions, op_ids, seeds, purpose,
+                                            max_tokens=max_tokens, temperature=temperature, min_words=min_words)]

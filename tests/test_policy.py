@@ -1,0 +1,194 @@
+"""The policy stage: learning with sb3 algorithms, baselines, the saved agent, resume, config checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from teams_rl.errors import TeamsRLError
+from teams_rl.evol.agents import load_agent
+from teams_rl.pipeline import fingerprints, plan, run_pipeline
+from tests.evol_fakes import rule_overrides
+
+# Only `deepening` changes the instruction, so the reviewer judge pays 1 for deepening and 0 otherwise.
+TARGET = "deepening"
+FAKES = rule_overrides(changing_ops=[TARGET])
+FAST = ["stages=[policy]", "reward=reviewer_judge", "policy.progress=false"]
+
+
+def _run(compose, tmp_path, overrides, name="run"):
+    cfg = compose(FAKES + FAST + list(overrides), artifacts=tmp_path / "artifacts")
+    metrics = run_pipeline(cfg, tmp_path / name)["policy"]
+    folder = tmp_path / "artifacts" / "policy" / fingerprints(cfg, plan(cfg))["policy"]
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return cfg, metrics, folder, rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rl, updates, threshold", [
+    # uniform is 1/6; each run is deterministic (fake LLMs, fixed seeds); thresholds leave a margin
+    ("trpo", 20, 0.6),
+    ("ppo", 12, 0.6),
+    ("trpo_paper", 60, 0.45),
+])
+def test_learning_raises_the_rewarded_operators_probability(compose, tmp_path, rl, updates, threshold):
+    _, metrics, folder, rows = _run(compose, tmp_path, [f"rl={rl}", f"policy.updates={updates}",
+                                                        "policy.checkpoint_every=1000"])
+    assert metrics["updates"] == updates and len(rows) == updates
+    assert rows[0][f"op_prob/{TARGET}"] < 0.3
+    assert metrics[f"op_prob/{TARGET}"] >= threshold
+    assert metrics["final_mean_reward"] > rows[0]["mean_reward"]
+    assert metrics["final_entropy"] < rows[0]["entropy"]
+    agent = load_agent(folder)
+    probs = agent.probabilities(agent.obs_encoder.encode(["x"], [None], [0]), samples=4000)
+    assert probs[0].argmax() == agent.operators.index(TARGET)
+
+
+def test_trained_agent_artifact_and_scores(compose, tmp_path):
+    cfg, metrics, folder, rows = _run(compose, tmp_path, ["rl=trpo", "policy.updates=2", "policy.n_envs=4",
+                                                         "policy.steps_per_update=3"])
+    for name in ("agent.json", "policy.zip", "metrics.jsonl", "learning_curve.png", "manifest.json"):
+        assert (folder / name).is_file(), name
+    meta = json.loads((folder / "agent.json").read_text())
+    assert meta["algorithm"] == "trpo" and meta["action_space"] == "discrete" and meta["update"] == 2
+    assert meta["operators"][2] == "deepening" and meta["obs"]["kind"] == "last_op"
+    row = rows[-1]
+    assert row["timesteps"] == 24 and row["requests/instructor"] == 24
+    assert sum(row[f"action_frac/{n}"] for n in meta["operators"]) == pytest.approx(1.0)
+    assert sum(row[f"op_prob/{n}"] for n in meta["operators"]) == pytest.approx(1.0, abs=1e-5)
+    assert row["llm_queries/instructor"] == 24 and 0 < row["llm_queries/reviewer"] <= 24
+    assert metrics["requests/reviewer"] == row["requests/reviewer"]
+    run_metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics" / "policy.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in run_metrics if "policy/mean_reward" in r] == [1, 2]
+
+    agent = load_agent(folder)
+    obs = agent.obs_encoder.encode(["a", "b", "c"], [None, 0, 2], [0, 1, 1])
+    logp = agent.action_scores(obs, step=0)
+    assert logp.shape == (3, 6) and np.allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-5)
+    noisy = agent.action_scores(obs, step=0, deterministic=False, rng=np.random.default_rng(0))
+    assert not np.allclose(noisy, logp)
+    again = agent.action_scores(obs, step=0, deterministic=False, rng=np.random.default_rng(0))
+    assert np.array_equal(noisy, again)
+
+
+def test_paper_box_agent_scores_are_the_gaussian_before_bias(compose, tmp_path):
+    _, _, folder, _ = _run(compose, tmp_path, ["rl=trpo_paper", "policy.updates=2"])
+    agent = load_agent(folder)
+    meta = json.loads((folder / "agent.json").read_text())
+    assert meta["action_space"] == "box" and meta["action_bias"] == [0.3, 0, 0, 0, 0, 0]
+    assert meta["obs_norm"]["clip"] == 5.0 and len(meta["obs_norm"]["mean"]) == 6
+    obs = agent.obs_encoder.encode(["a", "b"], [None, 3], [0, 1])
+    mean = agent.action_scores(obs, step=0)
+    model_mean = agent.model.policy.get_distribution(
+        __import__("torch").as_tensor(agent.normalize(obs))).distribution.mean.detach().numpy()
+    assert np.allclose(mean, model_mean, atol=1e-6)  # the mean, no bias added
+    samples = np.stack([agent.action_scores(obs, 0, deterministic=False, rng=np.random.default_rng(i))
+                        for i in range(400)])
+    assert np.allclose(samples.mean(axis=0), mean, atol=0.25) and samples.std(axis=0).mean() > 0.5
+    p = agent.probabilities(obs, samples=20000, rng=np.random.default_rng(0))
+    p0 = agent.probabilities(obs, bias=np.zeros(6), samples=20000, rng=np.random.default_rng(0))
+    assert (p[:, 0] > p0[:, 0]).all()  # the +0.3 breadth bias makes breadth likelier
+
+
+def test_random_and_fixed_baselines_train_nothing_but_roll_out(compose, tmp_path):
+    _, metrics, folder, rows = _run(compose, tmp_path, ["rl=random", "policy.updates=2", "policy.n_envs=4"])
+    assert not (folder / "policy.zip").exists() and metrics["algorithm"] == "random"
+    assert rows[-1]["entropy"] == pytest.approx(np.log(6)) and rows[-1]["timesteps"] == 2 * 4 * 3
+    agent = load_agent(folder)
+    scores = agent.action_scores(np.zeros((5000, 6)), step=0, rng=np.random.default_rng(1))
+    assert np.bincount(scores.argmax(axis=1), minlength=6).min() > 700  # uniform choice
+
+    _, metrics, folder, rows = _run(compose, tmp_path, ["rl=fixed", "rl.schedule=[deepening,breadth]",
+                                                        "policy.updates=1", "policy.episode_length=4",
+                                                        "policy.steps_per_update=4", "policy.n_envs=2"], "fixed")
+    assert rows[0]["action_frac/deepening"] == 0.5 and rows[0]["action_frac/breadth"] == 0.5
+    agent = load_agent(folder)
+    assert [int(agent.action_scores(np.zeros((1, 6)), step=t).argmax()) for t in range(4)] == [2, 0, 2, 0]
+
+
+def test_resume_after_a_kill_continues_from_the_last_update(compose, tmp_path, monkeypatch):
+    import teams_rl.stages.policy as stage
+
+    over = ["rl=trpo", "policy.updates=4", "policy.n_envs=2", "policy.steps_per_update=3"]
+    _, _, clean_folder, clean_rows = _run(compose, tmp_path / "clean", over)
+
+    original = stage.PolicyRun.save_checkpoint
+    calls = []
+
+    def killed_after_two(self, out_dir):
+        folder = original(self, out_dir)
+        calls.append(self.done)
+        if self.done == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return folder
+
+    monkeypatch.setattr(stage.PolicyRun, "save_checkpoint", killed_after_two)
+    cfg = compose(FAKES + FAST + over, artifacts=tmp_path / "killed" / "artifacts")
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path / "killed" / "run1")
+    folder = tmp_path / "killed" / "artifacts" / "policy" / fingerprints(cfg, plan(cfg))["policy"]
+    assert not (folder / "manifest.json").exists()
+    assert json.loads((folder / "checkpoints" / "latest.json").read_text())["update"] == 2
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # the kill came before row 2 was written
+
+    resumed = run_pipeline(cfg, tmp_path / "killed" / "run2")["policy"]
+    assert calls == [1, 2, 3, 4]  # updates 1-2 were not trained again
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2, 3, 4] and resumed["updates"] == 4
+    for a, b in zip(clean_rows, rows, strict=True):  # same numbers as the run that was never killed
+        assert {k: v for k, v in a.items() if k != "wall_s"} == {k: v for k, v in b.items() if k != "wall_s"}
+    import torch
+
+    clean, again = load_agent(clean_folder).model.policy.state_dict(), load_agent(folder).model.policy.state_dict()
+    assert all(torch.equal(clean[k], again[k]) for k in clean)
+
+
+def test_three_operator_sets_train_three_policies(compose, tmp_path):
+    seen = {}
+    for name in ("teams_rl", "wizardlm", "in_depth_only"):
+        cfg, metrics, folder, _ = _run(compose, tmp_path, [f"operators={name}", "rl=trpo", "policy.updates=1",
+                                                           "policy.n_envs=2", "policy.steps_per_update=2"], name)
+        seen[folder.name] = json.loads((folder / "agent.json").read_text())["operators"]
+        assert metrics["operator_set"] == name
+    assert sorted(len(ops) for ops in seen.values()) == [4, 5, 6]
+
+
+def test_fingerprint_ignores_mechanics_but_not_the_mdp(compose):
+    base = compose(FAKES + FAST)
+    fp = fingerprints(base, ["policy"])["policy"]
+    assert fingerprints(compose(FAKES + FAST + ["policy.progress=true", "policy.checkpoint_every=5"]),
+                        ["policy"])["policy"] == fp
+    assert fingerprints(compose(FAKES + FAST + ["policy.updates=9"]), ["policy"])["policy"] != fp
+    assert fingerprints(compose(FAKES + FAST + ["operators=wizardlm"]), ["policy"])["policy"] != fp
+    # the reviewer only matters when the reward asks it
+    novelty = FAKES + ["stages=[policy]", "reward=embedding_novelty"]
+    assert (fingerprints(compose(novelty), ["policy"])["policy"]
+            == fingerprints(compose(novelty + ["reviewer.sampling.max_tokens=99"]), ["policy"])["policy"])
+
+
+def test_paper_preset_selects_the_paper_mdp_and_reward(compose):
+    cfg = compose(["rl=trpo_paper"])
+    assert cfg.rl.algorithm == "trpo_paper" and cfg.rl.action_space == "box" and cfg.rl.action_bias.breadth == 0.3
+    assert cfg.policy.updates == 200 and cfg.policy.n_envs == 1 and cfg.policy.steps_per_update == 6
+    assert cfg.policy.seed == 543 and list(cfg.policy.seed_instructions) == ["How to cook food?"]
+    assert list(cfg.reward.terms) == ["reviewer_judge"]
+    assert compose(["rl=trpo_paper", "reward=embedding_novelty"]).reward.terms.embedding_novelty.weight == 1.0
+    assert compose(["rl=trpo_paper", "policy.updates=3"]).policy.updates == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rl.algorithm=sac"], "rl.algorithm 'sac' is unknown"),
+    (["rl=trpo", "+rl.action_bias.breadth=0.3"], "rl.action_bias needs rl.action_space=box"),
+    (["rl=trpo_paper", "+rl.action_bias.shout=1"], "rl.action_bias names unknown operator 'shout'"),
+    (["rl=fixed", "operators=in_depth_only"], "rl.schedule names 'breadth', which is not in the operator set"),
+    (["policy.updates=0"], "policy.updates must be a positive integer"),
+    (["policy.obs=pixels"], "policy.obs must be one of"),
+    (["rl=trpo", "+rl.hyperparams.warp_speed=9"], "rl.hyperparams"),
+])
+def test_config_mistakes_fail_with_one_line(compose, tmp_path, overrides, message):
+    cfg = compose(FAKES + FAST + overrides)
+    with pytest.raises(TeamsRLError, match=message) as err:
+        run_pipeline(cfg, tmp_path / "run")
+    assert "\n" not in str(err.value)
