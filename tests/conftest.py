@@ -44,6 +44,18 @@ def compose(tmp_path):
     return _compose
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op torch thread per test: tiny models are overhead-bound, and with two xdist workers on two
+    cores a second thread per worker makes steps many times slower (measured up to ~50x under contention)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir() -> str:
     """The `tiny_llama` checkpoint materialised once in the model cache."""

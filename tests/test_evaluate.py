@@ -16,16 +16,6 @@ from teams_rl.eval import harness
 OFFLINE_KEYS = ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound; one thread each avoids oversubscribing 2 cores under xdist."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def other_tiny(tmp_path_factory) -> str:

@@ -131,19 +131,8 @@ def test_launcher_presets_compose(tmp_path):
         assert cfg.hydra.launcher.gpus_per_node == 4 and cfg.hydra.launcher.tasks_per_node == 1
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: SmolLM2 runs ~5x slower with 2 threads on 2 busy cores (e.g. `pytest -n 2`)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-def test_smoke_runs_the_whole_pipeline_offline(tmp_path, one_thread):
+def test_smoke_runs_the_whole_pipeline_offline(tmp_path):
     cfg = compose("smoke", tmp_path / "artifacts", "logger=none")
     started = time.perf_counter()
     results = run_pipeline(cfg, tmp_path / "run")

@@ -24,17 +24,6 @@ WORDS = ("the a cat dog runs quickly over lazy fox blue red green sky tree river
          "why how water light small large city music write poem story number").split()
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread while these tests train: with pytest-xdist two workers already fill the two cores,
-    and a second OpenMP thread per worker makes tiny-model steps up to ~50x slower under contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 FAST_LR = "target.learning_rate=1e-2"  # random tiny weights: a few steps on one batch are enough to learn it
 EVERY_STEP = "finetune.logging_steps=1"

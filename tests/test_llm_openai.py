@@ -266,7 +266,7 @@ def test_missing_key_through_the_pipeline(monkeypatch, compose, tmp_path):
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    cfg = compose(["expert=openai_gpt4", "llm_check.roles=[expert]"])
+    cfg = compose(["stages=[llm_check]", "expert=openai_gpt4", "llm_check.roles=[expert]"])
     with pytest.raises(TeamsRLError, match=r"^environment variable OPENAI_API_KEY is not set \(needed by role "
                                            r"model gpt-4-1106-preview\)$"):
         run_pipeline(cfg, run_dir=tmp_path / "run")
@@ -304,7 +304,7 @@ def test_key_never_reaches_the_run_dir_or_artifacts(server, compose, tmp_path, m
     secret = f"sk-secret-{uuid.uuid4().hex}"
     monkeypatch.setenv(SECRET_ENV, secret)
     server.add_fault("401", times=None, model="denied-model")  # its error message quotes the key
-    overrides = ["llm_check.requests_per_role=3"]
+    overrides = ["stages=[llm_check]", "llm_check.requests_per_role=3"]
     for role, model in (("instructor", "loopback-a"), ("reviewer", "denied-model"), ("expert", "loopback-b")):
         overrides += [f"{role}=vllm_server", f"{role}.backend.base_url={server.base_url}",
                       f"{role}.backend.api_key_env={SECRET_ENV}", f"{role}.backend.model={model}",

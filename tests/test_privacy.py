@@ -19,16 +19,6 @@ WORDS = ("air atom autumn balance blue brown carbon cat city code colors data da
          "helium history ideas light list mat models number plant plants paint party fall false five agent area").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound; one thread each avoids oversubscribing 2 cores under xdist."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def random_pairs(rng: random.Random, n: int, length: int = 10) -> list[dict]:
     return [{"instruction": " ".join(rng.choices(WORDS, k=rng.randint(3, 6))), "input": "",

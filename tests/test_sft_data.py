@@ -14,18 +14,6 @@ from teams_rl.sft import deepspeed_config as dsc
 from teams_rl.sft.data import IGNORE_INDEX, encode, format_prompt, pack
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread while these tests train: with pytest-xdist two workers already fill the two cores,
-    and a second OpenMP thread per worker makes tiny-model steps up to ~50x slower under contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     from teams_rl.models import load_tiny_tokenizer
