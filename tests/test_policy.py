@@ -26,12 +26,12 @@ def _run(compose, tmp_path, overrides, name="run"):
     return cfg, metrics, folder, rows
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rl, updates, threshold", [
-    # uniform is 1/6; each run is deterministic (fake LLMs, fixed seeds); thresholds leave a margin
-    ("trpo", 20, 0.6),
-    ("ppo", 12, 0.6),
-    ("trpo_paper", 60, 0.45),
+    # uniform is 1/6; each run is deterministic (fake LLMs, fixed seeds); observed finals: 0.89, 0.99, 0.99, 0.74
+    ("trpo", 20, 0.7),
+    ("ppo", 12, 0.8),
+    ("a2c", 20, 0.8),
+    pytest.param("trpo_paper", 60, 0.5, marks=pytest.mark.slow),  # 6 transitions per update, as in the paper
 ])
 def test_learning_raises_the_rewarded_operators_probability(compose, tmp_path, rl, updates, threshold):
     _, metrics, folder, rows = _run(compose, tmp_path, [f"rl={rl}", f"policy.updates={updates}",
@@ -93,7 +93,8 @@ def test_paper_box_agent_scores_are_the_gaussian_before_bias(compose, tmp_path):
 
 
 def test_random_and_fixed_baselines_train_nothing_but_roll_out(compose, tmp_path):
-    _, metrics, folder, rows = _run(compose, tmp_path, ["rl=random", "policy.updates=2", "policy.n_envs=4"])
+    _, metrics, folder, rows = _run(compose, tmp_path, ["rl=random", "policy.updates=2", "policy.n_envs=4",
+                                                        "policy.steps_per_update=3"])
     assert not (folder / "policy.zip").exists() and metrics["algorithm"] == "random"
     assert rows[-1]["entropy"] == pytest.approx(np.log(6)) and rows[-1]["timesteps"] == 2 * 4 * 3
     agent = load_agent(folder)

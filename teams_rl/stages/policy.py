@@ -62,7 +62,7 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _settings(cfg: DictConfig, n_ops_names: list[str]) -> dict:
+def _settings(cfg: DictConfig, names: list[str]) -> dict:
     """Validated policy + rl settings (one clear line per mistake, before anything is loaded)."""
     from teams_rl.evol.agents import ALGORITHMS
     from teams_rl.evol.observations import OBS_KINDS
@@ -90,24 +90,24 @@ def _settings(cfg: DictConfig, n_ops_names: list[str]) -> dict:
     if bias_cfg and action_space != "box":
         raise TeamsRLError("rl.action_bias needs rl.action_space=box (a categorical policy has no bias vector)")
     library = set((_plain(cfg.operators) or {}).get("library") or {})
-    bias = np.zeros(len(n_ops_names))
+    bias = np.zeros(len(names))
     for name, value in bias_cfg.items():
-        if name not in library and name not in n_ops_names:
+        if name not in library and name not in names:
             raise TeamsRLError(f"rl.action_bias names unknown operator '{name}'")
-        if name in n_ops_names:
-            bias[n_ops_names.index(name)] = float(value)
+        if name in names:
+            bias[names.index(name)] = float(value)
         else:
             log.info("rl.action_bias: operator '%s' is not in this set; its bias is ignored", name)
     schedule = []
     if algorithm == "fixed":
-        names = rl.get("schedule") or []
-        if not names:
+        wanted = rl.get("schedule") or []
+        if not wanted:
             raise TeamsRLError("rl=fixed needs rl.schedule: a list of operator names")
-        for name in names:
-            if name not in n_ops_names:
+        for name in wanted:
+            if name not in names:
                 raise TeamsRLError(f"rl.schedule names '{name}', which is not in the operator set "
-                                   f"({', '.join(n_ops_names)})")
-            schedule.append(n_ops_names.index(name))
+                                   f"({', '.join(names)})")
+            schedule.append(names.index(name))
     seed_instructions = pol.get("seed_instructions")
     if seed_instructions is not None and (isinstance(seed_instructions, str) or not seed_instructions):
         raise TeamsRLError("policy.seed_instructions must be null or a non-empty list of instructions")
