@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 from omegaconf import DictConfig
-
-from teams_rl.errors import TeamsRLError
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +33,17 @@ def inputs(cfg: DictConfig) -> list[str]:
 
 
 def _model_path(cfg: DictConfig, ctx) -> str:
-    from teams_rl.models import resolve_model
+    from teams_rl.eval.members import model_to_attack
 
+    path = model_to_attack(cfg.evaluate.get("model"), cfg.paths.get("cache"), ctx.inputs.get("finetune"))
     if cfg.evaluate.get("model"):
-        return resolve_model(str(cfg.evaluate.model), cfg.paths.get("cache"))
-    folder = Path(ctx.inputs["finetune"]) / "model"
-    if not (folder / "config.json").is_file():
-        raise TeamsRLError(f"the finetune artifact {ctx.inputs['finetune']} has no model/ checkpoint")
+        return path
     trained_from = _finetune_base(ctx.input_manifests.get("finetune", {}))
     base = cfg.evaluate.get("base_model")
     if trained_from and base and str(trained_from) != str(base):
         log.warning("evaluate: the fine-tuned model started from %s but evaluate.base_model is %s; "
                     "the delta compares against %s", trained_from, base, base)
-    return str(folder)
+    return path
 
 
 def _finetune_base(manifest: dict) -> str | None:

@@ -38,14 +38,9 @@ def inputs(cfg: DictConfig) -> list[str]:
 
 
 def _target_model(cfg: DictConfig, ctx) -> str:
-    from teams_rl.models import resolve_model
+    from teams_rl.eval.members import model_to_attack
 
-    if cfg.privacy.get("model"):
-        return resolve_model(str(cfg.privacy.model), cfg.paths.get("cache"))
-    folder = Path(ctx.inputs["finetune"]) / "model"
-    if not (folder / "config.json").is_file():
-        raise TeamsRLError(f"the finetune artifact {ctx.inputs['finetune']} has no model/ checkpoint")
-    return str(folder)
+    return model_to_attack(cfg.privacy.get("model"), cfg.paths.get("cache"), ctx.inputs.get("finetune"))
 
 
 def _member_sets(cfg: DictConfig, ctx):
