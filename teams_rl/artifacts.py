@@ -11,26 +11,53 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from teams_rl.errors import TeamsRLError
+
 MANIFEST = "manifest.json"
 
-# Keys that change how a result is computed but never what it is; they stay out of fingerprints so that
-# e.g. raising a budget or the concurrency resumes the same artifact instead of starting a new one.
-NON_SEMANTIC_KEYS = frozenset(
+# Names of keys that change how a result is computed but never what it is, wherever they appear; they stay
+# out of fingerprints so that e.g. raising a budget or the concurrency resumes the same artifact instead of
+# starting a new one. Keys that are run-only for one stage only are in its `Stage.run_only_keys`.
+RUN_ONLY_NAMES = frozenset(
     {"max_concurrency", "timeout_s", "max_retries", "budget", "progress", "api_key_env", "num_workers",
      "device", "wandb", "backoff_base_s", "backoff_max_s", "max_retry_after_s", "max_requests_per_s"}
 )
 
 
+_ABSENT = object()
+
+
 def _strip(node):
     if isinstance(node, dict):
-        return {k: _strip(v) for k, v in sorted(node.items()) if k not in NON_SEMANTIC_KEYS}
+        return {k: _strip(v) for k, v in sorted(node.items()) if k not in RUN_ONLY_NAMES}
     if isinstance(node, list):
         return [_strip(v) for v in node]
     return node
 
 
+def expand_keys(cfg: DictConfig, keys: Iterable[str], run_only: Iterable[str] = (), stage: str = "?") -> list[str]:
+    """The dotted keys a fingerprint is made of: each of `keys`, except that a node holding one of the
+    `run_only` keys is replaced by its children (recursively) without it and without `RUN_ONLY_NAMES`.
+    A key the config does not have is an error: a misspelt key would otherwise slice nothing."""
+    run_only = tuple(run_only)
+    out: list[str] = []
+    for key in keys:
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            raise TeamsRLError(f"stage '{stage}': config key '{key}' is not in the config")
+        if key in run_only:
+            continue
+        if not any(r.startswith(key + ".") for r in run_only):
+            out.append(key)
+            continue
+        node = OmegaConf.select(cfg, key)
+        children = [f"{key}.{child}" for child in node if child not in RUN_ONLY_NAMES] \
+            if isinstance(node, DictConfig) else []
+        out.extend(expand_keys(cfg, children, run_only, stage))
+    return out
+
+
 def config_slice(cfg: DictConfig, keys: Iterable[str]) -> dict:
-    """The resolved values of the dotted `keys` (missing keys map to None), without non-semantic keys."""
+    """The resolved values of the dotted `keys`, without run-only keys."""
     out = {}
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)

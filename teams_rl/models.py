@@ -128,6 +128,17 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str
     return name_or_path
 
 
+def model_to_score(given: str | None, cache_dir, finetune_artifact: str | Path | None) -> str:
+    """The checkpoint a stage benchmarks or attacks: `given` (a path or built-in name) if set, else the finetune
+    stage's `model/` folder, which must hold a saved checkpoint."""
+    if given:
+        return resolve_model(str(given), cache_dir)
+    folder = Path(finetune_artifact) / "model"
+    if not (folder / "config.json").is_file():
+        raise TeamsRLError(f"the finetune artifact {finetune_artifact} has no model/ checkpoint")
+    return str(folder)
+
+
 def _hub_cached(repo_id: str) -> str | None:
     try:
         from huggingface_hub import snapshot_download

@@ -1,93 +1,57 @@
 """Runs the stages listed in `cfg.stages`, in order, through the stage cache.
 
-A stage is a module `teams_rl.stages.<name>` with:
-  VERSION: int                 bump when the stage's output for the same config changes
-  CONFIG_KEYS: list[str]       dotted config keys the output depends on (or `config_keys(cfg)`)
-  INPUTS: list[str]            stages whose artifacts it reads (or `inputs(cfg)`)
-  RESUMABLE: bool              keep an unfinished folder so the stage can resume from it (default False)
-  fingerprint_extra(cfg)       optional: more values the output depends on (e.g. the content hash of a
-                               user-given input file, so editing it in place is not served a stale result)
-  run(cfg, ctx) -> dict        does the work into `ctx.out_dir`, returns flat metrics
+Each stage declares itself as `STAGE = Stage(...)` in `teams_rl.stages.<name>` (see `teams_rl.stages.Stage`).
+Before the first stage runs, every planned stage's fingerprint is computed and its `validate(cfg)` called, so
+a config error costs seconds, never the hours of an earlier stage.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from teams_rl import stages as stages_pkg
 from teams_rl.artifacts import ArtifactStore, config_slice, fingerprint, write_json_atomic
 from teams_rl.errors import BudgetExceeded, TeamsRLError
+from teams_rl.llm.accounting import COUNTER_FIELDS
 from teams_rl.llm.client import LLMClient
 from teams_rl.llm.factory import LLMPool
+from teams_rl.stages import Stage, load_stage, plan
 from teams_rl.tracking import StageTracker, resolved_config
 
 log = logging.getLogger(__name__)
+
+__all__ = ["StageContext", "fingerprints", "plan", "run_pipeline", "validate_plan"]
 
 TRACKED_PACKAGES = ("teams_rl", "torch", "transformers", "datasets", "deepspeed", "lm_eval", "hydra-core",
                     "omegaconf", "wandb", "stable-baselines3", "sb3-contrib", "openai", "sentence-transformers")
 
 
-def available_stages() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(stages_pkg.__path__) if not m.name.startswith("_"))
-
-
-def load_stage(name: str) -> ModuleType:
-    if name not in available_stages():
-        raise TeamsRLError(f"unknown stage '{name}' (available: {', '.join(available_stages())})")
-    return importlib.import_module(f"teams_rl.stages.{name}")
-
-
-def stage_inputs(module: ModuleType, cfg: DictConfig) -> list[str]:
-    fn = getattr(module, "inputs", None)
-    return list(fn(cfg)) if callable(fn) else list(getattr(module, "INPUTS", []))
-
-
-def stage_config_keys(module: ModuleType, cfg: DictConfig) -> list[str]:
-    fn = getattr(module, "config_keys", None)
-    return list(fn(cfg)) if callable(fn) else list(getattr(module, "CONFIG_KEYS", []))
-
-
-def plan(cfg: DictConfig) -> list[str]:
-    """The requested stages in order, with the inputs they need (and that were not requested) put first."""
-    order: list[str] = []
-
-    def visit(name: str, trail: tuple[str, ...]) -> None:
-        if name in trail:
-            raise TeamsRLError(f"stage dependency cycle: {' -> '.join(trail + (name,))}")
-        if name in order:
-            return
-        for dep in stage_inputs(load_stage(name), cfg):
-            visit(dep, trail + (name,))
-        order.append(name)
-
-    for name in cfg.stages:
-        visit(str(name), ())
-    return order
-
-
 def fingerprints(cfg: DictConfig, names: list[str]) -> dict[str, str]:
     fps: dict[str, str] = {}
     for name in names:  # `plan` order: inputs come first
-        module = load_stage(name)
-        ins = {dep: fps[dep] for dep in stage_inputs(module, cfg)}
-        slice_ = config_slice(cfg, stage_config_keys(module, cfg))
-        extra = getattr(module, "fingerprint_extra", None)
-        if callable(extra):
-            slice_["_extra"] = extra(cfg)
-        fps[name] = fingerprint(name, getattr(module, "VERSION", 1), slice_, ins)
+        stage = load_stage(name)
+        ins = {dep: fps[dep] for dep in stage.inputs_for(cfg)}
+        slice_ = config_slice(cfg, stage.fingerprint_keys(cfg))
+        if stage.fingerprint_extra is not None:
+            slice_["_extra"] = stage.fingerprint_extra(cfg)
+        fps[name] = fingerprint(name, stage.version, slice_, ins)
     return fps
+
+
+def validate_plan(cfg: DictConfig, order: list[str]) -> None:
+    """Every planned stage's own checks, before any of them runs."""
+    for name in order:
+        stage = load_stage(name)
+        if stage.validate is not None:
+            stage.validate(cfg)
 
 
 @dataclass
@@ -140,7 +104,7 @@ def _now() -> str:
 
 def _accounting_delta(before: dict, after: dict) -> dict:
     """Per-role counters spent between two snapshots (what one stage sent)."""
-    fields = ("queries", "cache_hits", "failures", "prompt_tokens", "completion_tokens", "usd")
+    fields = COUNTER_FIELDS
     delta = {}
     for role, now in after.items():
         prev = before.get(role, {})
@@ -162,6 +126,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     order = plan(cfg)
     fps = fingerprints(cfg, order)
+    validate_plan(cfg, order)
     store = ArtifactStore(cfg.paths.artifacts)
     llms = LLMPool(cfg, cfg.paths.get("llm_cache"))
 
@@ -194,9 +159,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
 
 
 def _run_stage(name, cfg, fps, store, llms, run_dir, run_manifest) -> dict:
-    module = load_stage(name)
+    stage: Stage = load_stage(name)
     fp = fps[name]
-    ins = {dep: store.folder(dep, fps[dep]) for dep in stage_inputs(module, cfg)}
+    ins = {dep: store.folder(dep, fps[dep]) for dep in stage.inputs_for(cfg)}
     input_manifests = {}
     for dep in ins:
         manifest = store.load_manifest(dep, fps[dep])
@@ -211,29 +176,28 @@ def _run_stage(name, cfg, fps, store, llms, run_dir, run_manifest) -> dict:
         if manifest is not None:
             log.info("stage %s: reusing %s", name, store.folder(name, fp))
             entry.update(status="cached", duration_s=0.0)
-            hook = getattr(module, "on_cached", None)  # e.g. the report publishes itself into this run dir
-            if callable(hook):
-                hook(cfg, store.folder(name, fp), run_dir)
+            if stage.on_cached is not None:  # e.g. the report publishes itself into this run dir
+                stage.on_cached(cfg, store.folder(name, fp), run_dir)
             return manifest.get("metrics", {})
 
-        out_dir = store.prepare(name, fp, getattr(module, "RESUMABLE", False))
+        out_dir = store.prepare(name, fp, stage.resumable)
         tracker = StageTracker(cfg, name, run_dir)
         ctx = StageContext(name, cfg, out_dir, run_dir, fp, ins, input_manifests, llms, tracker)
         log.info("stage %s: running into %s", name, out_dir)
         before = llms.accounting()
         started, t0 = _now(), time.perf_counter()
         try:
-            metrics = module.run(cfg, ctx) or {}
+            metrics = stage.run(cfg, ctx) or {}
             tracker.summary({f"{name}/{k}": v for k, v in metrics.items()})
         finally:
             tracker.finish()
         duration = time.perf_counter() - t0
         store.commit(name, fp, {
             "stage": name,
-            "version": getattr(module, "VERSION", 1),
+            "version": stage.version,
             "fingerprint": fp,
             "inputs": {dep: fps[dep] for dep in ins},
-            "config": config_slice(cfg, stage_config_keys(module, cfg)),
+            "config": config_slice(cfg, stage.fingerprint_keys(cfg)),
             "metrics": metrics,
             "llm": _accounting_delta(before, llms.accounting()),
             "started_at": started,

@@ -101,8 +101,8 @@ def test_inputs_and_base_cache_key(compose, tmp_path):
     from teams_rl.pipeline import fingerprints, plan
     from teams_rl.stages import evaluate
 
-    assert evaluate.inputs(compose([])) == ["finetune", "evaluate_base"]
-    assert evaluate.inputs(compose([f"evaluate.model={tmp_path}", "evaluate.base_model=null"])) == []
+    assert evaluate.STAGE.inputs_for(compose([])) == ["finetune", "evaluate_base"]
+    assert evaluate.STAGE.inputs_for(compose([f"evaluate.model={tmp_path}", "evaluate.base_model=null"])) == []
     # the base result is keyed by the base model and eval settings only, never by the evaluated model
     a = compose(["stages=[evaluate]", f"evaluate.model={tmp_path}"])
     b = compose(["stages=[evaluate]", "evaluate.model=tiny_llama"])

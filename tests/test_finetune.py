@@ -71,9 +71,9 @@ def finished_folder(cfg) -> Path:
 
 def test_inputs_and_fingerprint_keys(compose, tmp_path):
     with_data = compose(finetune_overrides(tmp_path / "d.json"))
-    assert stage.inputs(with_data) == []
-    assert stage.inputs(compose(["target=tiny_llama"])) == ["generate"]
-    keys = stage.config_keys(with_data)
+    assert stage.STAGE.inputs_for(with_data) == []
+    assert stage.STAGE.inputs_for(compose(["target=tiny_llama"])) == ["generate"]
+    keys = stage.STAGE.fingerprint_keys(with_data)
     assert {"target", "deepspeed", "finetune.dataset", "finetune.batching", "finetune.max_steps"} <= set(keys)
     assert not {"finetune.nproc_per_node", "finetune.hostfile", "finetune.save_steps"} & set(keys)
     base = fingerprints(with_data, ["finetune"])["finetune"]

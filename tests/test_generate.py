@@ -103,7 +103,7 @@ def test_generate_tiny_end_to_end(compose, tmp_path):
 
 
 def test_rules_choose_bias_forced_and_replaced():
-    from teams_rl.stages.generate import Rules
+    from teams_rl.evol.generation import Rules
 
     rules = Rules(frozenset({1, 4}), np.array([0.0, 0.7, 0, 0, 0, 0]), 1, (0,))
     assert rules.choose(np.array([0.0, 0, 0, 0, 0, 5.0]), step=1) == 0        # forced in-breadth

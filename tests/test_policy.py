@@ -110,12 +110,12 @@ def test_random_and_fixed_baselines_train_nothing_but_roll_out(compose, tmp_path
 
 
 def test_resume_after_a_kill_continues_from_the_last_update(compose, tmp_path, monkeypatch):
-    import teams_rl.stages.policy as stage
+    from teams_rl.evol import training
 
     over = ["rl=trpo", "policy.updates=4", "policy.n_envs=2", "policy.steps_per_update=3"]
     _, _, clean_folder, clean_rows = _run(compose, tmp_path / "clean", over)
 
-    original = stage.PolicyRun.save_checkpoint
+    original = training.PolicyTraining.save_checkpoint
     calls = []
 
     def killed_after_two(self, out_dir):
@@ -125,7 +125,7 @@ def test_resume_after_a_kill_continues_from_the_last_update(compose, tmp_path, m
             raise KeyboardInterrupt("simulated kill")
         return folder
 
-    monkeypatch.setattr(stage.PolicyRun, "save_checkpoint", killed_after_two)
+    monkeypatch.setattr(training.PolicyTraining, "save_checkpoint", killed_after_two)
     cfg = compose(FAKES + FAST + over, artifacts=tmp_path / "killed" / "artifacts")
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, tmp_path / "killed" / "run1")

@@ -223,9 +223,9 @@ def test_privacy_stage_end_to_end(compose, tmp_path, tiny_llama_dir, memorised, 
 def test_privacy_needs_finetune_and_generate_unless_paths_given(compose, tmp_path):
     from teams_rl.stages import privacy
 
-    assert privacy.inputs(compose(["privacy.model=null"])) == ["finetune", "generate"]
+    assert privacy.STAGE.inputs_for(compose(["privacy.model=null"])) == ["finetune", "generate"]
     given = compose([f"privacy.model={tmp_path}", "privacy.members=a.json", "privacy.nonmembers=b.json"])
-    assert privacy.inputs(given) == []
+    assert privacy.STAGE.inputs_for(given) == []
     assert compose(["evaluate.model=tiny_llama"]).privacy.model == "tiny_llama"   # follows evaluate.model
 
 

@@ -230,11 +230,11 @@ def test_report_inputs_are_the_runs_result_stages(tmp_path):
     from tests.conftest import compose_config
 
     cfg = compose_config(["stages=[evaluate,report]"], tmp_path)
-    assert report.inputs(cfg) == ["policy", "generate", "finetune", "evaluate_base", "evaluate"]
+    assert report.STAGE.inputs_for(cfg) == ["policy", "generate", "finetune", "evaluate_base", "evaluate"]
     cfg = compose_config(["stages=[generate,report]"], tmp_path)
-    assert report.inputs(cfg) == ["policy", "generate"]
+    assert report.STAGE.inputs_for(cfg) == ["policy", "generate"]
     cfg = compose_config(["stages=[llm_check,report]"], tmp_path)
-    assert report.inputs(cfg) == []
+    assert report.STAGE.inputs_for(cfg) == []
 
 
 def test_paper_numbers_file_has_a_source_for_every_entry():

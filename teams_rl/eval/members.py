@@ -90,16 +90,3 @@ def sample_equal(members: list[Example], nonmembers: list[Example], max_samples:
 
 def _draw(items: list[Example], n: int, rng: random.Random) -> list[Example]:
     return [items[i] for i in sorted(rng.sample(range(len(items)), n))]
-
-
-def model_to_attack(given: str | None, cache_dir, finetune_artifact: str | Path | None) -> str:
-    """The checkpoint a stage scores: `given` (a path or built-in name) if set, else the finetune stage's
-    `model/` folder, which must hold a saved checkpoint."""
-    from teams_rl.models import resolve_model
-
-    if given:
-        return resolve_model(str(given), cache_dir)
-    folder = Path(finetune_artifact) / "model"
-    if not (folder / "config.json").is_file():
-        raise TeamsRLError(f"the finetune artifact {finetune_artifact} has no model/ checkpoint")
-    return str(folder)

@@ -14,7 +14,6 @@ Metrics: ROC-AUC with a stratified bootstrap CI and TPR at fixed low FPR (as in 
 from __future__ import annotations
 
 import inspect
-import math
 import zlib
 from dataclasses import dataclass
 
@@ -231,32 +230,7 @@ def _pct(f: float) -> str:
 
 # ----------------------------------------------------------------------------------------- plots
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path, title: str = "") -> None:
-    """ROC curves side by side on linear and log-log axes (the log-log panel shows the low-FPR regime)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """ROC curves of the attacks side by side on linear and log-log axes."""
+    from teams_rl.plotting import roc_panels
 
-    fig = Figure(figsize=(11, 4.8))
-    FigureCanvasAgg(fig)
-    lin, log = fig.subplots(1, 2)
-    floor = 1.0
-    for name, (fpr, tpr, auc) in curves.items():
-        lin.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
-        positive = fpr > 0
-        if positive.any():
-            floor = min(floor, float(fpr[positive].min()))
-            log.plot(fpr[positive], np.maximum(tpr[positive], 1e-4), label=name)
-    lin.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
-    lin.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-            title="ROC (linear)")
-    lo = 10 ** math.floor(math.log10(max(floor, 1e-5)))
-    grid = np.logspace(math.log10(lo), 0, 50)
-    log.plot(grid, grid, "k--", lw=0.8, label="chance")
-    log.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false positive rate",
-            ylabel="true positive rate", title="ROC (log-log)")
-    for ax in (lin, log):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    roc_panels([(name, fpr, tpr, auc) for name, (fpr, tpr, auc) in curves.items()], path, suptitle=title)

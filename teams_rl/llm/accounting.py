@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -12,6 +12,8 @@ from teams_rl.errors import BudgetExceeded
 
 @dataclass
 class Counters:
+    """The counters kept per role and purpose; `COUNTER_FIELDS` lists them for every reader."""
+
     queries: int = 0  # requests actually sent to the backend (cache misses), failures included
     cache_hits: int = 0
     failures: int = 0
@@ -20,8 +22,11 @@ class Counters:
     usd: float = 0.0
 
     def add(self, other: Counters) -> None:
-        for name in ("queries", "cache_hits", "failures", "prompt_tokens", "completion_tokens", "usd"):
+        for name in COUNTER_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+COUNTER_FIELDS = tuple(f.name for f in fields(Counters))
 
 
 @dataclass

@@ -10,34 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from teams_rl.plotting import DPI, operator_probabilities, reward_curve, roc_panels
+from teams_rl.plotting import figure as _figure
+from teams_rl.plotting import save as _save
 from teams_rl.report.collect import RunResults, number
 from teams_rl.report.paper import PAPER_MODEL_LABELS, PaperResults
 from teams_rl.report.tables import ATTACK_LABELS, BENCHMARKS
-
-DPI = 110
-
-
-def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def _save(fig, path: Path, dpi: int, top: float = 1.0) -> Path:
-    fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(str(path), dpi=dpi)
-    return path
-
-
-def _smooth(values: np.ndarray) -> tuple[int, np.ndarray] | None:
-    if len(values) < 5:
-        return None
-    k = max(2, len(values) // 10)
-    return k, np.convolve(values, np.ones(k) / k, mode="valid")
 
 
 def policy_curves(runs: list[RunResults], path: Path, dpi: int = DPI) -> Path | None:
@@ -52,12 +30,7 @@ def policy_curves(runs: list[RunResults], path: Path, dpi: int = DPI) -> Path | 
         hist = run.policy_history()
         updates = np.array([row["update"] for row in hist])
         rewards = np.array([row.get("mean_reward") or 0.0 for row in hist], dtype=float)
-        line = ax.plot(updates, rewards, marker="o", ms=3, lw=1, alpha=0.8,
-                       label=f"{run.label} ({run.metrics('policy').get('algorithm', '?')})")[0]
-        smooth = _smooth(rewards)
-        if smooth is not None:
-            k, values = smooth
-            ax.plot(updates[k - 1:], values, lw=2.2, color=line.get_color())
+        reward_curve(ax, updates, rewards, f"{run.label} ({run.metrics('policy').get('algorithm', '?')})")
     ax.set(xlabel="update", ylabel="mean reward per step", title="Policy learning curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -67,12 +40,7 @@ def policy_curves(runs: list[RunResults], path: Path, dpi: int = DPI) -> Path | 
         order = runs[0].operator_order()
         names.sort(key=lambda o: order.index(o) if o in order else len(order))
         if names:
-            ax2 = axes[1][0]
-            updates = [row["update"] for row in hist]
-            probs = np.array([[row.get(f"op_prob/{n}") or 0.0 for n in names] for row in hist], dtype=float)
-            ax2.stackplot(updates, probs.T, labels=names, alpha=0.85)
-            ax2.set(xlabel="update", ylabel="P(operator)", ylim=(0, 1), title="Operator probabilities")
-            ax2.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+            operator_probabilities(axes[1][0], hist, names)
         else:
             axes[1][0].set_visible(False)
     return _save(fig, path, dpi)
@@ -211,30 +179,11 @@ def roc_curves(runs: list[RunResults], paper: PaperResults, path: Path, primary:
             curves.append((f"{run.label}: {ATTACK_LABELS.get(attack, attack)}", fpr, tpr, auc))
     if not curves:
         return None
-    fig, axes = _figure(11, 4.8, ncols=2)
-    lin, log = axes[0]
-    floor = 1.0
-    for label, fpr, tpr, auc in curves:
-        lin.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
-        positive = fpr > 0
-        if positive.any():
-            floor = min(floor, float(fpr[positive].min()))
-            log.plot(fpr[positive], np.maximum(tpr[positive], 1e-4), label=label)
-    lin.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance (AUC 0.5)")
     notes = [f"{name} {paper.value(f'privacy.{key}'):.2f}" for key, name in (("teams_rl", "TeaMs-RL"),
                                                                               ("baseline", "baseline"))
              if paper.value(f"privacy.{key}") is not None]
-    lin.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-            title="ROC" + (f" (paper AUC: {', '.join(notes)})" if notes else ""))
-    lo = 10 ** math.floor(math.log10(max(floor, 1e-5)))
-    grid = np.logspace(math.log10(lo), 0, 50)
-    log.plot(grid, grid, "k--", lw=0.8, label="chance")
-    log.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false positive rate",
-            ylabel="true positive rate", title="ROC (log-log: the low-FPR regime)")
-    for ax in (lin, log):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path, dpi)
+    return roc_panels(curves, path, title="ROC" + (f" (paper AUC: {', '.join(notes)})" if notes else ""),
+                      chance_label="chance (AUC 0.5)", fontsize=7, dpi=dpi)
 
 
 def ablation_bars(groups: list[str], panels: list[tuple[str, list[float | None], list[float | None]]], path: Path,

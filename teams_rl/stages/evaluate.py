@@ -15,13 +15,12 @@ import math
 
 from omegaconf import DictConfig
 
+from teams_rl.stages import Stage
+
 log = logging.getLogger(__name__)
 
-VERSION = 1
-CONFIG_KEYS = ["evaluate"]
 
-
-def inputs(cfg: DictConfig) -> list[str]:
+def _inputs(cfg: DictConfig) -> list[str]:
     from teams_rl.eval.harness import check_model_ref
 
     check_model_ref(cfg.evaluate.get("model"), "evaluate.model")
@@ -33,9 +32,9 @@ def inputs(cfg: DictConfig) -> list[str]:
 
 
 def _model_path(cfg: DictConfig, ctx) -> str:
-    from teams_rl.eval.members import model_to_attack
+    from teams_rl.models import model_to_score
 
-    path = model_to_attack(cfg.evaluate.get("model"), cfg.paths.get("cache"), ctx.inputs.get("finetune"))
+    path = model_to_score(cfg.evaluate.get("model"), cfg.paths.get("cache"), ctx.inputs.get("finetune"))
     if cfg.evaluate.get("model"):
         return path
     trained_from = _finetune_base(ctx.input_manifests.get("finetune", {}))
@@ -112,3 +111,6 @@ def run(cfg: DictConfig, ctx) -> dict:
             for name, value in rows
         ])
     return metrics
+
+
+STAGE = Stage(name="evaluate", version=1, run=run, config_keys=["evaluate"], inputs=_inputs)

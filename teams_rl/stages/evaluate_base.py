@@ -12,13 +12,7 @@ import json
 from omegaconf import DictConfig
 
 from teams_rl.errors import TeamsRLError
-
-VERSION = 1
-INPUTS: list[str] = []
-
-
-def config_keys(cfg: DictConfig) -> list[str]:
-    return [f"evaluate.{key}" for key in cfg.evaluate if key not in ("model", "device")]
+from teams_rl.stages import Stage
 
 
 def run(cfg: DictConfig, ctx) -> dict:
@@ -35,3 +29,7 @@ def run(cfg: DictConfig, ctx) -> dict:
         json.dump(flat, fh, indent=2, sort_keys=True)
     ctx.tracker.log({f"eval/base/{k}": v for k, v in flat.items()})
     return flat
+
+
+# `evaluate.model` names the fine-tuned checkpoint the `evaluate` stage scores, not the base model.
+STAGE = Stage(name="evaluate_base", version=1, run=run, config_keys=["evaluate"], run_only_keys=["evaluate.model"])

@@ -21,26 +21,21 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from teams_rl.errors import TeamsRLError
+from teams_rl.stages import Stage
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
-RESUMABLE = True
 # Settings of `finetune` that change how the job runs, not what it learns: kept out of the fingerprint, so
 # e.g. a rerun on more GPUs or with other checkpoint intervals resumes the same artifact.
-RUN_ONLY_KEYS = frozenset({"nproc_per_node", "nnodes", "hostfile", "launcher", "master_port", "save_steps",
-                           "save_total_limit", "keep_checkpoints", "logging_steps", "progress"})
+RUN_ONLY_KEYS = tuple(f"finetune.{k}" for k in ("nproc_per_node", "nnodes", "hostfile", "launcher", "master_port",
+                                                 "save_steps", "save_total_limit", "keep_checkpoints", "logging_steps"))
 
 
-def inputs(cfg: DictConfig) -> list[str]:
+def _inputs(cfg: DictConfig) -> list[str]:
     return [] if cfg.finetune.get("dataset") else ["generate"]
 
 
-def config_keys(cfg: DictConfig) -> list[str]:
-    return ["target", "deepspeed"] + [f"finetune.{k}" for k in cfg.finetune if k not in RUN_ONLY_KEYS]
-
-
-def fingerprint_extra(cfg: DictConfig) -> dict:
+def _fingerprint_extra(cfg: DictConfig) -> dict:
     """A dataset given by path counts by its content, so editing the file in place trains anew."""
     from teams_rl.artifacts import content_hash
 
@@ -157,3 +152,7 @@ def collect(out: Path, extra: dict) -> dict:
                    real_token_fraction=tokens / padded if padded else 0.0)
     metrics_path.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+STAGE = Stage(name="finetune", version=1, run=run, config_keys=["target", "deepspeed", "finetune"], inputs=_inputs,
+              run_only_keys=RUN_ONLY_KEYS, resumable=True, fingerprint_extra=_fingerprint_extra)

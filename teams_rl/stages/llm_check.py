@@ -8,11 +8,9 @@ import time
 from omegaconf import DictConfig
 
 from teams_rl.llm.types import ChatRequest
+from teams_rl.stages import Stage
 
 log = logging.getLogger(__name__)
-
-VERSION = 1
-CONFIG_KEYS = ["llm_check", "instructor", "reviewer", "expert", "seed"]
 
 PROBES = (
     "Reply with the single word: ready.",
@@ -91,3 +89,6 @@ def _markdown(rows: list[dict]) -> str:
 def _print_table(rows: list[dict]) -> None:
     print("\nLLM roles check")
     print(_markdown(rows))
+
+
+STAGE = Stage(name="llm_check", version=1, run=run, config_keys=["llm_check", "instructor", "reviewer", "expert", "seed"])

@@ -17,18 +17,16 @@ import numpy as np
 from omegaconf import DictConfig
 
 from teams_rl.errors import TeamsRLError
+from teams_rl.stages import Stage
 
 log = logging.getLogger(__name__)
-
-VERSION = 1
-CONFIG_KEYS = ["privacy"]
 
 
 def _given_data(cfg: DictConfig) -> bool:
     return bool(cfg.privacy.get("members")) and bool(cfg.privacy.get("nonmembers"))
 
 
-def inputs(cfg: DictConfig) -> list[str]:
+def _inputs(cfg: DictConfig) -> list[str]:
     from teams_rl.eval.harness import check_model_ref
 
     check_model_ref(cfg.privacy.get("model"), "privacy.model")
@@ -38,9 +36,9 @@ def inputs(cfg: DictConfig) -> list[str]:
 
 
 def _target_model(cfg: DictConfig, ctx) -> str:
-    from teams_rl.eval.members import model_to_attack
+    from teams_rl.models import model_to_score
 
-    return model_to_attack(cfg.privacy.get("model"), cfg.paths.get("cache"), ctx.inputs.get("finetune"))
+    return model_to_score(cfg.privacy.get("model"), cfg.paths.get("cache"), ctx.inputs.get("finetune"))
 
 
 def _member_sets(cfg: DictConfig, ctx):
@@ -175,3 +173,6 @@ def _print(rows, columns) -> None:
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join([row[0]] + [f"{v:.3f}" for v in row[1:]]) + " |")
+
+
+STAGE = Stage(name="privacy", version=1, run=run, config_keys=["privacy"], inputs=_inputs)

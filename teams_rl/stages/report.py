@@ -10,7 +10,6 @@ beside this one. The finished report is also copied to `<run dir>/report/`. Logs
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 from pathlib import Path
@@ -18,40 +17,19 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from teams_rl.errors import TeamsRLError
+from teams_rl.llm.accounting import COUNTER_FIELDS
+from teams_rl.stages import Stage, plan
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
 RESULT_STAGES = ("policy", "generate", "finetune", "evaluate_base", "evaluate", "privacy")
-COST_COUNTERS = ("queries", "cache_hits", "failures", "prompt_tokens", "completion_tokens", "usd")
 PUBLISHED = "report"
 
 
-def _stage_inputs(name: str, cfg: DictConfig) -> list[str]:
-    module = importlib.import_module(f"teams_rl.stages.{name}")
-    fn = getattr(module, "inputs", None)
-    return list(fn(cfg)) if callable(fn) else list(getattr(module, "INPUTS", []))
-
-
-def inputs(cfg: DictConfig) -> list[str]:
+def _inputs(cfg: DictConfig) -> list[str]:
     """The result stages of this run: the requested ones and everything they read, in pipeline order."""
-    found: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in found or name == "report":
-            return
-        if name in RESULT_STAGES:
-            for dep in _stage_inputs(name, cfg):
-                visit(dep)
-            found.append(name)
-
-    for name in cfg.get("stages") or []:
-        visit(str(name))
-    return found
-
-
-def config_keys(cfg: DictConfig) -> list[str]:
-    return ["report", "experiment_name"]
+    requested = [str(name) for name in cfg.get("stages") or [] if str(name) != "report"]
+    return [name for name in plan(cfg, requested) if name in RESULT_STAGES]
 
 
 def _settings(cfg: DictConfig) -> dict:
@@ -102,7 +80,7 @@ def _log(ctx, report, runs) -> None:
     costs = {}
     for stage, roles in runs[0].llm_accounting().items():   # this run's stages, as spent when each was made
         for role, counters in roles.items():
-            for counter in COST_COUNTERS:
+            for counter in COUNTER_FIELDS:
                 if counter in counters:
                     costs[f"cost/{stage}/{role}/{counter}"] = counters[counter]
     if costs:
@@ -120,6 +98,10 @@ def publish(folder: str | Path, run_dir: str | Path) -> Path:
     return target
 
 
-def on_cached(cfg: DictConfig, folder: Path, run_dir: Path) -> None:
+def _on_cached(cfg: DictConfig, folder: Path, run_dir: Path) -> None:
     """Called by the pipeline when the report is reused from the cache: publish it into this run dir too."""
     publish(folder, run_dir)
+
+
+STAGE = Stage(name="report", version=1, run=run, config_keys=["report", "experiment_name"], inputs=_inputs,
+              on_cached=_on_cached)
