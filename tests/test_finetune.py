@@ -101,7 +101,7 @@ def test_launch_commands(tmp_path, monkeypatch):
     job = tmp_path / "job.yaml"
     torchrun = build_command(LaunchSettings(nproc_per_node=2), job, 29999)
     assert torchrun[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert torchrun[-3:] == ["-m", "teams_rl.sft.launch", str(job)] and "--nproc_per_node" in torchrun
+    assert torchrun[-3:] == ["-m", "teams_rl.sft.train", str(job)] and "--nproc_per_node" in torchrun
     assert torchrun[torchrun.index("--master_port") + 1] == "29999"
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=4\nnode-b slots=4\n")
@@ -110,7 +110,7 @@ def test_launch_commands(tmp_path, monkeypatch):
     cmd = build_command(ds, job, 29999)
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert ["--hostfile", str(hostfile)] == cmd[cmd.index("--hostfile"):cmd.index("--hostfile") + 2]
-    assert "--no_local_rank" in cmd and cmd[-3:] == ["--module", "teams_rl.sft.launch", str(job)]
+    assert "--no_local_rank" in cmd and cmd[-3:] == ["--module", "teams_rl.sft.train", str(job)]
     one_node_ds = build_command(LaunchSettings(nproc_per_node=2, launcher="deepspeed"), job, 1)
     assert one_node_ds[one_node_ds.index("--num_gpus") + 1] == "2"
     multi = LaunchSettings(nproc_per_node=4, nnodes=2)
@@ -137,7 +137,7 @@ def _bad_dataset(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("case, extra, message", [
-    ("no_output", [], "has no output field"),
+    ("no_output", [], "no_output.json:1: missing field 'output'"),
     ("empty", [], "is empty"),
     ("ok", ["target.model=/nonexistent/llama-7b"], "model path /nonexistent/llama-7b does not exist"),
     ("ok", ["deepspeed=zero3_offload"], "needs a C++ compiler (/nonexistent/c++)"),

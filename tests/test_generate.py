@@ -114,8 +114,8 @@ def test_rules_choose_bias_forced_and_replaced():
 
 @pytest.mark.slow
 def test_wizardlm_baseline_and_query_cost_table(compose, tmp_path):
-    from teams_rl.evol.costs import main as costs_main
-    from teams_rl.evol.costs import query_cost_table
+    from teams_rl.report.costs import main as costs_main
+    from teams_rl.report.costs import query_cost_table
 
     seeds = ["seeds.limit=6"]
     wizard_over = ["+experiment=wizardlm_baseline"] + seeds + fake_llm_overrides(equal_every=3)

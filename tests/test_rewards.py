@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from teams_rl.errors import TeamsRLError
+from teams_rl.evol.elimination import copies_template_words, only_punctuation_or_stop_words, sorry_and_short
 from teams_rl.evol.rewards import (
     JUDGE_PROMPT,
     EliminationTerm,
@@ -13,11 +14,8 @@ from teams_rl.evol.rewards import (
     Judge,
     StepBatch,
     build_reward,
-    copies_template_words,
-    only_punctuation_or_stop_words,
     parse_judgement,
     reward_uses_reviewer,
-    sorry_and_short,
 )
 from teams_rl.llm.client import LLMClient
 from tests.evol_fakes import OperatorRuleBackend, hash_embed

@@ -76,7 +76,7 @@ def test_local_jsonl_with_field_mapping(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('{"instruction": "ok"}\n{"instruction": "broken"\n', r"bad\.jsonl:2: invalid JSON"),
-    ('{"instruction": "ok"}\n["not", "an", "object"]\n', r"bad\.jsonl:2: expected a JSON object"),
+    ('{"instruction": "ok"}\n["not", "an", "object"]\n', r"bad\.jsonl:2: record 1 is a list, expected a JSON object"),
     ('{"instruction": "ok"}\n{"output": "no instruction"}\n', r"bad\.jsonl:2: missing field 'instruction'"),
     ('{"instruction": "   "}\n', r"bad\.jsonl:1: field 'instruction' is empty"),
     ('{"instruction": ["a"]}\n', r"bad\.jsonl:1: field 'instruction' must be a string"),
@@ -110,5 +110,5 @@ def test_config_errors():
         load_seeds({"kind": "tiny", "start": 50})
     with pytest.raises(TeamsRLError, match="invalid index range"):
         load_seeds({"kind": "tiny", "start": 5, "stop": 2})
-    with pytest.raises(TeamsRLError, match="not found"):
+    with pytest.raises(TeamsRLError, match="seed file /nonexistent/seeds.jsonl does not exist"):
         load_seeds({"kind": "local_json", "path": "/nonexistent/seeds.jsonl"})

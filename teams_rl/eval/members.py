@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,43 +21,14 @@ class Example:
         return (self.instruction.strip(), self.input.strip(), self.output.strip())
 
 
-def _rows_from_file(path: Path) -> list[dict]:
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TeamsRLError(f"privacy: {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if isinstance(data, dict):  # {"data": [...]} style
-        data = next((v for v in data.values() if isinstance(v, list)), None)
-    if not isinstance(data, list):
-        raise TeamsRLError(f"privacy: {path} must hold a JSON list of {{instruction, input, output}} records")
-    return data
-
-
 def load_examples(path: str | Path, split: str | None = None, what: str = "examples") -> list[Example]:
     """Records from a .json/.jsonl file or a `save_to_disk` folder (a Dataset, or a DatasetDict + `split`)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise TeamsRLError(f"privacy: the {what} file {path} does not exist")
-    if path.is_dir():
-        import datasets
+    from teams_rl.records import alpaca_rows, read_records
 
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise TeamsRLError(f"privacy: {path} has splits {sorted(data)}; the {what} split '{split}' is not one")
-            data = data[split]
-        rows = data.to_list()
-    else:
-        rows = _rows_from_file(path)
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
-            raise TeamsRLError(f"privacy: record {i} of {path} has no instruction/output fields")
-        out.append(Example(str(row["instruction"]), str(row.get("input") or ""), str(row["output"])))
-    return out
+    rows = read_records(path, split, what=f"privacy: the {what} file")
+    if not rows:
+        return []
+    return [Example(r["instruction"], r["input"], r["output"]) for r in alpaca_rows(rows, what, path)]
 
 
 def validate(members: list[Example], nonmembers: list[Example]) -> None:

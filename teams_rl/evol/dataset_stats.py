@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from teams_rl import config as C
+
 
 def word_lengths(texts: Sequence[str]) -> list[int]:
     return [len(t.split()) for t in texts]
@@ -123,7 +125,7 @@ def write_card(out_dir: str | Path, cfg, metrics: dict, stats: dict, operators: 
     from omegaconf import OmegaConf
 
     gen = cfg.generate
-    rules = OmegaConf.to_container(gen.get("rules") or {}, resolve=True)
+    rules = C.plain(gen.get("rules")) or {}
     mode = metrics["mode"]
     policy = (policy_manifest or {}).get("config", {})
     how = {
@@ -137,8 +139,8 @@ def write_card(out_dir: str | Path, cfg, metrics: dict, stats: dict, operators: 
     }[mode]
     calls = sorted((k, v) for k, v in metrics.items() if k.startswith(("calls/", "sent/")))
     drops = stats.get("dropped_by_reason", {})
-    seeds_cfg = OmegaConf.to_container(cfg.get("seeds"), resolve=True) if cfg.get("seeds") is not None else {}
-    filters_cfg = OmegaConf.to_container(cfg.get("filters"), resolve=True) if cfg.get("filters") is not None else {}
+    seeds_cfg = C.plain(cfg.get("seeds")) or {}
+    filters_cfg = C.plain(cfg.get("filters")) or {}
     card = f"""---
 language: [en]
 task_categories: [text-generation]
@@ -193,7 +195,7 @@ Operator mix: {json.dumps(stats['operator_mix'])}. Plots: `lengths.png`, `operat
 
 ## Config
 ```yaml
-{OmegaConf.to_yaml(OmegaConf.create({'generate': OmegaConf.to_container(gen, resolve=True), 'seeds': seeds_cfg, 'filters': filters_cfg})).strip()}
+{OmegaConf.to_yaml(OmegaConf.create({'generate': C.plain(gen), 'seeds': seeds_cfg, 'filters': filters_cfg})).strip()}
 ```
 """
     path = Path(out_dir) / "README.md"

@@ -16,12 +16,13 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
-from teams_rl.evol.rewards import TEMPLATE_WORDS, only_punctuation_or_stop_words, sorry_and_short
+from teams_rl.evol.elimination import TEMPLATE_WORDS, only_punctuation_or_stop_words, sorry_and_short
 
 # Reasons, in the order they are checked; a record is counted under the first one it fails.
 RULE1 = "rule1_no_information_gain"
@@ -39,13 +40,6 @@ TEXT_REASONS = (RULE2, RULE3, RULE4, ALPACA_LENGTH, ALPACA_BLACKLIST, ALPACA_PRO
 
 ALPACA_BLACKLIST_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
                           "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
-
-
-def _get(node: Any, key: str, default: Any) -> Any:
-    if node is None:
-        return default
-    value = node.get(key, default) if isinstance(node, Mapping) or hasattr(node, "get") else default
-    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -76,33 +70,33 @@ class FilterSettings:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> FilterSettings:
-        elim = _get(cfg, "elimination", {})
-        judge = _get(elim, "judge", {})
-        alpaca = _get(cfg, "alpaca", {})
-        rouge = _get(cfg, "rouge_l", {})
+        elim = C.get(cfg, "elimination", {})
+        judge = C.get(elim, "judge", {})
+        alpaca = C.get(cfg, "alpaca", {})
+        rouge = C.get(cfg, "rouge_l", {})
         d = cls()
         settings = cls(
-            no_info_gain=bool(_get(elim, "no_info_gain", d.no_info_gain)),
-            judge_prompt=_get(judge, "prompt", None),
-            judge_strict=bool(_get(judge, "strict", d.judge_strict)),
-            judge_max_tokens=int(_get(judge, "max_tokens", d.judge_max_tokens)),
-            sorry_short=bool(_get(elim, "sorry_short", d.sorry_short)),
-            sorry_max_words=int(_get(elim, "sorry_max_words", d.sorry_max_words)),
-            only_punct_stopwords=bool(_get(elim, "only_punct_stopwords", d.only_punct_stopwords)),
-            copied_prompt_words=bool(_get(elim, "copied_prompt_words", d.copied_prompt_words)),
-            prompt_words=tuple(str(w).lower() for w in _get(elim, "prompt_words", d.prompt_words)),
-            alpaca=bool(_get(alpaca, "enabled", d.alpaca)),
-            min_words=int(_get(alpaca, "min_words", d.min_words)),
-            max_words=int(_get(alpaca, "max_words", d.max_words)),
-            blacklist=tuple(str(w).lower() for w in _get(alpaca, "blacklist", d.blacklist)),
-            drop_write_a_program=bool(_get(alpaca, "drop_write_a_program", d.drop_write_a_program)),
-            drop_leading_punctuation=bool(_get(alpaca, "drop_leading_punctuation", d.drop_leading_punctuation)),
-            drop_leading_non_ascii=bool(_get(alpaca, "drop_leading_non_ascii", d.drop_leading_non_ascii)),
-            exact_dedup=bool(_get(cfg, "exact_dedup", d.exact_dedup)),
-            rouge_l=bool(_get(rouge, "enabled", d.rouge_l)),
-            rouge_threshold=float(_get(rouge, "threshold", d.rouge_threshold)),
-            rouge_against_seeds=bool(_get(rouge, "against_seeds", d.rouge_against_seeds)),
-            rouge_within_seed=bool(_get(rouge, "within_seed", d.rouge_within_seed)),
+            no_info_gain=bool(C.get(elim, "no_info_gain", d.no_info_gain)),
+            judge_prompt=C.get(judge, "prompt", None),
+            judge_strict=bool(C.get(judge, "strict", d.judge_strict)),
+            judge_max_tokens=int(C.get(judge, "max_tokens", d.judge_max_tokens)),
+            sorry_short=bool(C.get(elim, "sorry_short", d.sorry_short)),
+            sorry_max_words=int(C.get(elim, "sorry_max_words", d.sorry_max_words)),
+            only_punct_stopwords=bool(C.get(elim, "only_punct_stopwords", d.only_punct_stopwords)),
+            copied_prompt_words=bool(C.get(elim, "copied_prompt_words", d.copied_prompt_words)),
+            prompt_words=tuple(str(w).lower() for w in C.get(elim, "prompt_words", d.prompt_words)),
+            alpaca=bool(C.get(alpaca, "enabled", d.alpaca)),
+            min_words=int(C.get(alpaca, "min_words", d.min_words)),
+            max_words=int(C.get(alpaca, "max_words", d.max_words)),
+            blacklist=tuple(str(w).lower() for w in C.get(alpaca, "blacklist", d.blacklist)),
+            drop_write_a_program=bool(C.get(alpaca, "drop_write_a_program", d.drop_write_a_program)),
+            drop_leading_punctuation=bool(C.get(alpaca, "drop_leading_punctuation", d.drop_leading_punctuation)),
+            drop_leading_non_ascii=bool(C.get(alpaca, "drop_leading_non_ascii", d.drop_leading_non_ascii)),
+            exact_dedup=bool(C.get(cfg, "exact_dedup", d.exact_dedup)),
+            rouge_l=bool(C.get(rouge, "enabled", d.rouge_l)),
+            rouge_threshold=float(C.get(rouge, "threshold", d.rouge_threshold)),
+            rouge_against_seeds=bool(C.get(rouge, "against_seeds", d.rouge_against_seeds)),
+            rouge_within_seed=bool(C.get(rouge, "within_seed", d.rouge_within_seed)),
         )
         if settings.min_words < 0 or settings.max_words < settings.min_words:
             raise TeamsRLError(f"filters.alpaca: need 0 <= min_words <= max_words, got {settings.min_words}, "

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
 
 SLOT = "{instruction}"
@@ -91,7 +92,7 @@ def load_operator_set(cfg_operators) -> OperatorSet:
     template}}}`. Unknown names, templates without the slot, or a missing list fail with one line."""
     if cfg_operators is None:
         raise TeamsRLError("no operator set configured (choose one with operators=<set>, e.g. operators=teams_rl)")
-    node = _to_plain(cfg_operators)
+    node = dict(C.plain(cfg_operators))
     set_name = str(node.get("name") or "custom")
     ops = node.get("ops")
     library = node.get("library") or {}
@@ -111,17 +112,6 @@ def load_operator_set(cfg_operators) -> OperatorSet:
             raise TeamsRLError(f"operator '{name}' in the library needs a `template`")
         operators.append(Operator(name=str(name), kind=str(spec.get("kind", "depth")), template=str(spec["template"])))
     return OperatorSet(name=set_name, operators=tuple(operators))
-
-
-def _to_plain(node):
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(node)
 
 
 # ---------------------------------------------------------------------------------------------- cleanup

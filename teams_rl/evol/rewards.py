@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import logging
 import re
-import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
+from teams_rl.evol.elimination import (
+    copies_template_words,
+    only_punctuation_or_stop_words,
+    sorry_and_short,
+)
 from teams_rl.llm.types import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -35,19 +40,6 @@ JUDGE_PROMPT = (
     "Second instruction: {second}\n"
     "Answer with exactly Equal or Not Equal, never both, and give no reasons."
 )
-
-TEMPLATE_WORDS = ("given prompt", "rewritten prompt", "created prompt", "#given prompt#", "#rewritten prompt#",
-                  "#created prompt#", "prompt rewriter", "prompt creator")
-
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between both
-but by can could did do does doing down during each few for from further had has have having he her here hers
-herself him himself his how i if in into is it its itself just let me more most my myself no nor not now of off
-on once only or other our ours ourselves out over own please same she should so some such than that the their
-theirs them themselves then there these they this those through to too under until up very was we were what
-when where which while who whom why will with would you your yours yourself yourselves ok okay yes sure thanks
-""".split())
-
 
 # --------------------------------------------------------------------------------------------- batch
 
@@ -236,23 +228,6 @@ class EmbeddingNoveltyTerm:
         return out, {}
 
 
-def sorry_and_short(raw: str, max_words: int = 80) -> bool:
-    """WizardLM rule 2: the answer apologises ("sorry") and is short."""
-    return "sorry" in raw.lower() and len(raw.split()) < max_words
-
-
-def only_punctuation_or_stop_words(text: str) -> bool:
-    """WizardLM rule 3: nothing but punctuation and stop words."""
-    words = [w for w in re.split(r"\s+", text.translate(str.maketrans("", "", string.punctuation)).lower()) if w]
-    return all(w in STOP_WORDS for w in words)
-
-
-def copies_template_words(text: str) -> bool:
-    """WizardLM rule 4: the evolved instruction copies words of the evolving prompt ("given prompt", ...)."""
-    low = " ".join(text.lower().split())
-    return any(w in low for w in TEMPLATE_WORDS)
-
-
 class EliminationTerm:
     """WizardLM's elimination rules as a shaped reward: the fraction of the four rules an evolution passes.
 
@@ -344,22 +319,9 @@ class RewardFunction:
         return RewardResult(total=total, terms=values, reviewer_queries=reviewer_queries, stats=stats)
 
 
-def _plain(node) -> dict:
-    if node is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(node)
-
-
 def reward_uses_reviewer(cfg_reward) -> bool:
     """Whether the configured reward queries the reviewer role (decides if the reviewer config matters)."""
-    terms = _plain(cfg_reward).get("terms") or {}
+    terms = dict(C.plain(cfg_reward) or {}).get("terms") or {}
     for name, spec in terms.items():
         spec = spec or {}
         if float(spec.get("weight", 1.0)) == 0.0:
@@ -372,7 +334,7 @@ def reward_uses_reviewer(cfg_reward) -> bool:
 def build_reward(cfg_reward, reviewer=None, embed: Callable[[Sequence[str]], np.ndarray] | None = None) -> RewardFunction:
     """The reward described by `cfg.reward`; `reviewer` is the reviewer LLMClient (or a callable returning
     it, called only when a term needs it); `embed` replaces MiniLM (tests)."""
-    node = _plain(cfg_reward)
+    node = dict(C.plain(cfg_reward) or {})
     terms_cfg = node.get("terms") or {}
     if not isinstance(terms_cfg, Mapping):
         raise TeamsRLError("reward.terms must map term names to settings")

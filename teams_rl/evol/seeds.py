@@ -14,14 +14,15 @@ Config keys (`conf/seeds/*.yaml`):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
+from teams_rl.records import read_records, text_field
 
 TINY_SEEDS = "seeds_tiny.jsonl"
 DEFAULT_FIELDS = {"id": None, "instruction": "instruction", "input": "input", "output": "output"}
@@ -38,110 +39,32 @@ class Seed:
         return asdict(self)
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        value = default if key not in cfg or OmegaConf.is_missing(cfg, key) else cfg[key]
-    elif isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def read_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs from a JSON array file or a JSONL file; malformed input -> TeamsRLError.
-
-    For a JSON array the "line" is the line on which the record starts.
-    """
-    if not path.is_file():
-        raise TeamsRLError(f"seed file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise TeamsRLError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise TeamsRLError(f"{path}: file is empty")
-    if stripped[0] == "[":
-        return _read_json_array(path, text)
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TeamsRLError(f"{path}:{lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise TeamsRLError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        records.append((lineno, record))
-    return records
-
-
-def _read_json_array(path: Path, text: str) -> list[tuple[int, dict]]:
-    decoder = json.JSONDecoder()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TeamsRLError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
-    # Recover the start line of each element by walking the array with raw_decode.
-    records = []
-    pos = text.index("[") + 1
-    for i, item in enumerate(data):
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        lineno = text.count("\n", 0, pos) + 1
-        _, pos = decoder.raw_decode(text, pos)
-        if not isinstance(item, dict):
-            raise TeamsRLError(f"{path}:{lineno}: record {i} is a {type(item).__name__}, expected a JSON object")
-        records.append((lineno, item))
-    return records
-
-
-def _field(record: dict, name: str | None, where: str, required: bool) -> str:
-    if name is None:
-        return ""
-    if name not in record or record[name] is None:
-        if required:
-            raise TeamsRLError(f"{where}: missing field '{name}'")
-        return ""
-    value = record[name]
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise TeamsRLError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    return str(value)
-
-
-def seeds_from_records(records: Iterable[tuple[int, dict]], source: str, fields: Mapping[str, str | None],
+def seeds_from_records(records: Iterable[tuple[str, dict]], fields: Mapping[str, str | None],
                        start: int = 0, stop: int | None = None, id_prefix: str = "") -> list[Seed]:
-    """Turn (line, record) pairs into seeds over the index range [start, stop); ids default to the index."""
+    """Turn (where, record) pairs into seeds over the index range [start, stop); ids default to the index."""
     seeds = []
-    seen: dict[str, int] = {}
-    for index, (lineno, record) in enumerate(records):
+    seen: dict[str, str] = {}
+    for index, (where, record) in enumerate(records):
         if index < start or (stop is not None and index >= stop):
             continue
-        where = f"{source}:{lineno}"
-        instruction = _field(record, fields["instruction"], where, required=True).strip()
+        instruction = text_field(record, fields["instruction"], where, required=True).strip()
         if not instruction:
             raise TeamsRLError(f"{where}: field '{fields['instruction']}' is empty")
-        raw_id = _field(record, fields.get("id"), where, required=True) if fields.get("id") else str(index)
+        raw_id = text_field(record, fields.get("id"), where, required=True) if fields.get("id") else str(index)
         seed_id = f"{id_prefix}{raw_id}"
         if seed_id in seen:
-            raise TeamsRLError(f"{where}: duplicate seed id '{seed_id}' (first on line {seen[seed_id]})")
-        seen[seed_id] = lineno
+            raise TeamsRLError(f"{where}: duplicate seed id '{seed_id}' (first at {seen[seed_id]})")
+        seen[seed_id] = where
         seeds.append(Seed(id=seed_id,
                           instruction=instruction,
-                          input=_field(record, fields.get("input"), where, required=False).strip(),
-                          output=_field(record, fields.get("output"), where, required=False).strip()))
+                          input=text_field(record, fields.get("input"), where, required=False).strip(),
+                          output=text_field(record, fields.get("output"), where, required=False).strip()))
     return seeds
 
 
 def _range(cfg: Any) -> tuple[int, int | None]:
-    start = int(_cfg_get(cfg, "start", 0))
-    stop = _cfg_get(cfg, "stop", None)
+    start = int(C.get(cfg, "start", 0))
+    stop = C.get(cfg, "stop", None)
     stop = None if stop is None else int(stop)
     if start < 0 or (stop is not None and stop < start):
         raise TeamsRLError(f"seeds: invalid index range start={start} stop={stop}")
@@ -150,7 +73,7 @@ def _range(cfg: Any) -> tuple[int, int | None]:
 
 def _fields(cfg: Any) -> dict[str, str | None]:
     fields = dict(DEFAULT_FIELDS)
-    given = _cfg_get(cfg, "fields", None)
+    given = C.get(cfg, "fields", None)
     if given is not None:
         for key in given:
             if key not in DEFAULT_FIELDS:
@@ -165,18 +88,19 @@ def _load_tiny(cfg: Any) -> list[Seed]:
     start, stop = _range(cfg)
     ref = resources.files("teams_rl.assets").joinpath(TINY_SEEDS)
     with resources.as_file(ref) as path:
-        return seeds_from_records(read_records(Path(path)), f"teams_rl/assets/{TINY_SEEDS}",
-                                  {**DEFAULT_FIELDS, "id": "id"}, start, stop)
+        return seeds_from_records(read_records(Path(path), what="seed file"), {**DEFAULT_FIELDS, "id": "id"},
+                                  start, stop)
 
 
 def _load_alpaca(cfg: Any) -> list[Seed]:
     start, stop = _range(cfg)
-    path = _cfg_get(cfg, "path", None)
+    path = C.get(cfg, "path", None)
     if path:
         path = Path(str(path)).expanduser()
-        return seeds_from_records(read_records(path), str(path), DEFAULT_FIELDS, start, stop, id_prefix="alpaca-")
-    hub_id = str(_cfg_get(cfg, "hub_id", "tatsu-lab/alpaca"))
-    split = str(_cfg_get(cfg, "split", "train"))
+        return seeds_from_records(read_records(path, what="seed file"), DEFAULT_FIELDS, start, stop,
+                                  id_prefix="alpaca-")
+    hub_id = str(C.get(cfg, "hub_id", "tatsu-lab/alpaca"))
+    split = str(C.get(cfg, "split", "train"))
     import datasets  # heavy; only when the hub is used
 
     try:
@@ -190,21 +114,21 @@ def _load_alpaca(cfg: Any) -> list[Seed]:
         raise TeamsRLError(f"seeds: '{hub_id}' lacks columns {sorted(missing)}")
     stop_at = len(ds) if stop is None else min(stop, len(ds))
     rows = ds.select(range(min(start, stop_at), stop_at))
-    records = [(start + i + 1, row) for i, row in enumerate(rows)]
+    records = [(f"{hub_id}[{split}] row {start + i}", row) for i, row in enumerate(rows)]
     # records already start at `start`; the index range is applied, ids keep the global Alpaca index
-    seeds = seeds_from_records(records, f"{hub_id}[{split}]", DEFAULT_FIELDS, 0, None)
+    seeds = seeds_from_records(records, DEFAULT_FIELDS, 0, None)
     return [Seed(id=f"alpaca-{start + i}", instruction=s.instruction, input=s.input, output=s.output)
             for i, s in enumerate(seeds)]
 
 
 def _load_local_json(cfg: Any) -> list[Seed]:
-    path = _cfg_get(cfg, "path", None)
+    path = C.get(cfg, "path", None)
     if not path:
         raise TeamsRLError("seeds.kind=local_json needs seeds.path")
     path = Path(str(path)).expanduser()
     start, stop = _range(cfg)
-    prefix = str(_cfg_get(cfg, "id_prefix", ""))
-    return seeds_from_records(read_records(path), str(path), _fields(cfg), start, stop, id_prefix=prefix)
+    prefix = str(C.get(cfg, "id_prefix", ""))
+    return seeds_from_records(read_records(path, what="seed file"), _fields(cfg), start, stop, id_prefix=prefix)
 
 
 LOADERS = {"tiny": _load_tiny, "alpaca": _load_alpaca, "local_json": _load_local_json}
@@ -212,11 +136,11 @@ LOADERS = {"tiny": _load_tiny, "alpaca": _load_alpaca, "local_json": _load_local
 
 def load_seeds(seeds_cfg: Any) -> list[Seed]:
     """The seeds described by `cfg.seeds` (see the module docstring), after the index range and `limit`."""
-    kind = str(_cfg_get(seeds_cfg, "kind", "tiny"))
+    kind = str(C.get(seeds_cfg, "kind", "tiny"))
     if kind not in LOADERS:
         raise TeamsRLError(f"seeds.kind '{kind}' is unknown (choose one of: {', '.join(LOADERS)})")
     seeds = LOADERS[kind](seeds_cfg)
-    limit = _cfg_get(seeds_cfg, "limit", None)
+    limit = C.get(seeds_cfg, "limit", None)
     if limit is not None:
         if int(limit) < 0:
             raise TeamsRLError(f"seeds.limit must be >= 0, got {limit}")

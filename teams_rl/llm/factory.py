@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
 from teams_rl.llm.accounting import Budget, RoleAccount
 from teams_rl.llm.cache import RequestCache
@@ -31,7 +32,7 @@ class LLMPool:
         role_cfg = self.cfg.get(role)
         if role_cfg is None:
             raise TeamsRLError(f"no LLM configured for role '{role}' (set the '{role}=' config group)")
-        backend_cfg = OmegaConf.to_container(role_cfg.backend, resolve=True)
+        backend_cfg = C.plain(role_cfg.backend)
         key = json.dumps(backend_cfg, sort_keys=True)
         if key not in self._backends:
             try:
@@ -47,7 +48,7 @@ class LLMPool:
         client = LLMClient(
             role,
             backend,
-            sampling=OmegaConf.to_container(role_cfg.get("sampling") or {}, resolve=True),
+            sampling=dict(C.plain(role_cfg.get("sampling")) or {}),
             cache=self.cache,
             account=RoleAccount(
                 role=role,

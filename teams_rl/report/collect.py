@@ -32,18 +32,26 @@ def read_json(path: Path, default=None):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
+    """The rows of a stage's JSONL file ([] when it is absent or empty; a torn last line is skipped)."""
+    from teams_rl.records import read_records
+
+    if not path.is_file() or not path.read_text().strip():
         return []
-    rows = []
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line of a killed writer
-    return rows
+    return [row for _, row in read_records(path, what="result file", torn_tail_ok=True)]
+
+
+def benchmark_series(runs: list[RunResults]) -> list[tuple[str, dict, bool]]:
+    """(label, benchmark metrics, is_base) for every distinct base model and every fine-tuned run, in order."""
+    out, seen = [], set()
+    for run in runs:
+        base, model = run.base_scores(), run.target_model() or "base"
+        if base and model not in seen:
+            seen.add(model)
+            out.append((f"base: {model}", base, True))
+        if run.has("evaluate"):
+            tuned = {k[len("finetuned/"):]: v for k, v in run.metrics("evaluate").items() if k.startswith("finetuned/")}
+            out.append((f"fine-tuned: {run.label}", tuned, False))
+    return out
 
 
 def number(value) -> float | None:
@@ -130,6 +138,11 @@ class RunResults:
     # -- access ---------------------------------------------------------------------------------------
     def has(self, stage: str) -> bool:
         return stage in self.manifests
+
+    def base_scores(self) -> dict:
+        """The base model's benchmark metrics: from the evaluate stage (`base/*`) or the evaluate_base stage."""
+        metrics = self.metrics("evaluate")
+        return {k[len("base/"):]: v for k, v in metrics.items() if k.startswith("base/")} or self.metrics("evaluate_base")
 
     def metrics(self, stage: str) -> dict:
         return dict((self.manifests.get(stage) or {}).get("metrics") or {})

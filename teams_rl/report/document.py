@@ -74,7 +74,7 @@ def figure_dir(out_dir: Path) -> Path:
 
 def claims_table(runs: list[RunResults], paper: PaperResults, primary_attack: str = "loss") -> tbl.Table:
     """Each headline claim of the paper beside what these runs measured."""
-    from teams_rl.evol import costs
+    from teams_rl.report import costs
 
     table = tbl.Table("claims", "The paper's claims and our measurements",
                       ["claim", "paper", "paper source", "ours", "measured on"])
@@ -208,7 +208,7 @@ def _describe(run: RunResults) -> str:
 
 def headline_metrics(runs: list[RunResults], report: Report, primary_attack: str = "loss") -> dict:
     """A few flat numbers for the stage's metrics: what the report found, for sweeps and dashboards."""
-    from teams_rl.evol import costs
+    from teams_rl.report import costs
 
     out: dict = {"tables": len(report.tables), "figures": len(report.figures)}
     pair = tbl.find_query_pair(runs)

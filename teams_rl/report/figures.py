@@ -13,7 +13,7 @@ import numpy as np
 from teams_rl.plotting import DPI, operator_probabilities, reward_curve, roc_panels
 from teams_rl.plotting import figure as _figure
 from teams_rl.plotting import save as _save
-from teams_rl.report.collect import RunResults, number
+from teams_rl.report.collect import RunResults, benchmark_series, number
 from teams_rl.report.paper import PAPER_MODEL_LABELS, PaperResults
 from teams_rl.report.tables import ATTACK_LABELS, BENCHMARKS
 
@@ -115,17 +115,10 @@ def dataset_diversity(runs: list[RunResults], path: Path, dpi: int = DPI) -> Pat
 def benchmark_bars(runs: list[RunResults], paper: PaperResults, path: Path, dpi: int = DPI) -> Path | None:
     """Benchmark scores (%): base, fine-tuned runs, and the paper's reported numbers where it gives them."""
     keys = [k for k, _ in BENCHMARKS] + ["average"]
-    series: list[tuple[str, list[float | None], dict]] = []
-    bases = set()
-    for run in runs:
-        m = run.metrics("evaluate")
-        base = {k[len("base/"):]: v for k, v in m.items() if k.startswith("base/")} or run.metrics("evaluate_base")
-        model = run.target_model() or "base"
-        if base and model not in bases:
-            bases.add(model)
-            series.append((f"base: {model}", [number(base.get(k)) for k in keys], {"hatch": "//", "alpha": 0.6}))
-        if run.has("evaluate"):
-            series.append((f"fine-tuned: {run.label}", [number(m.get(f"finetuned/{k}")) for k in keys], {}))
+    series: list[tuple[str, list[float | None], dict]] = [
+        (label, [number(scores.get(k)) for k in keys], {"hatch": "//", "alpha": 0.6} if is_base else {})
+        for label, scores, is_base in benchmark_series(runs)
+    ]
     if not series:
         return None
     for model in paper.openllm_models():

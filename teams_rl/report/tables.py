@@ -10,7 +10,7 @@ import io
 import math
 from dataclasses import dataclass, field
 
-from teams_rl.report.collect import RunResults, number
+from teams_rl.report.collect import RunResults, benchmark_series, number
 from teams_rl.report.paper import NOT_REPORTED, PAPER_MODEL_LABELS, PaperResults, paper_model_for_target
 
 BENCHMARKS = (("arc_challenge", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa_mc2", "TruthfulQA"))
@@ -105,8 +105,8 @@ def find_query_pair(runs: list[RunResults]) -> tuple[RunResults, RunResults] | N
 
 def query_cost_table(runs: list[RunResults], paper: PaperResults) -> Table:
     """Expert queries and dataset size: TeaMs-RL vs the WizardLM baseline when both generations are among
-    `runs` (the generate helper's table, `teams_rl.evol.costs`), else this run's own generation costs."""
-    from teams_rl.evol import costs
+    `runs` (the generate helper's table, `teams_rl.report.costs`), else this run's own generation costs."""
+    from teams_rl.report import costs
 
     kwargs = dict(
         paper_seeds=int(paper.value("queries.wizardlm_seeds", costs.PAPER_SEEDS)),
@@ -220,19 +220,8 @@ def openllm_table(runs: list[RunResults], paper: PaperResults) -> Table:
     """Open LLM Leaderboard v1 benchmarks (percent): base vs fine-tuned models vs the paper's numbers."""
     table = Table("openllm_v1", "Open LLM Leaderboard v1 benchmarks (%)",
                   ["model", *[label for _, label in BENCHMARKS], "average"])
-    seen_base = set()
-    for run in runs:
-        metrics = run.metrics("evaluate")
-        base = {k[len("base/"):]: v for k, v in metrics.items() if k.startswith("base/")} or run.metrics("evaluate_base")
-        base_model = run.target_model() or "base"
-        if base and base_model not in seen_base:
-            seen_base.add(base_model)
-            table.rows.append([f"base: {base_model}", *[pct(base.get(k)) for k, _ in BENCHMARKS],
-                               pct(base.get("average"))])
-        if run.has("evaluate"):
-            table.rows.append([f"fine-tuned: {run.label}",
-                               *[pct(metrics.get(f"finetuned/{k}")) for k, _ in BENCHMARKS],
-                               pct(metrics.get("finetuned/average"))])
+    for label, scores, _ in benchmark_series(runs):
+        table.rows.append([label, *[pct(scores.get(k)) for k, _ in BENCHMARKS], pct(scores.get("average"))])
     for model in paper.openllm_models():
         label = PAPER_MODEL_LABELS.get(model, f"{model} (paper)")
         table.rows.append([label, *[paper.cell(f"openllm_v1.{model}.{k}") for k, _ in BENCHMARKS],

@@ -13,7 +13,6 @@ Batching (`finetune.batching`):
 
 from __future__ import annotations
 
-import json
 from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,87 +47,18 @@ def format_prompt(instruction: str, input: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _read_json_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise TeamsRLError(f"finetune dataset {path}: line {lineno} is not valid JSON ({err.msg})") from None
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TeamsRLError(f"finetune dataset {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(records, list):
-        raise TeamsRLError(f"finetune dataset {path}: expected a JSON list of examples, got {type(records).__name__}")
-    return records
-
-
-def _records_to_dataset(records: list, path: Path):
-    from datasets import Dataset
-
-    if not records:
-        raise TeamsRLError(f"finetune dataset {path} is empty")
-    rows = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise TeamsRLError(f"finetune dataset {path}: example {i} is a {type(rec).__name__}, not an object")
-        missing = [c for c in REQUIRED_COLUMNS if c not in rec]
-        if missing:
-            raise TeamsRLError(f"finetune dataset {path}: example {i} has no {' / '.join(missing)} field "
-                               "(Alpaca format needs instruction, output and optionally input)")
-        rows.append({"instruction": _text(rec["instruction"]), "input": _text(rec.get("input")),
-                     "output": _text(rec["output"])})
-    return Dataset.from_list(rows)
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value)
-
-
-def _saved_split(path: Path, split: str) -> Path:
-    """The folder of one `save_to_disk` Dataset: `path` itself, or its `split` when it holds a DatasetDict."""
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        if split not in splits:
-            raise TeamsRLError(f"finetune dataset {path} has no split '{split}' (splits: {', '.join(splits)})")
-        path = path / split
-    if not (path / "state.json").is_file():
-        raise TeamsRLError(f"finetune dataset {path} is a folder but not a `datasets` save_to_disk folder")
-    return path
-
-
 def load_alpaca(path: str | Path, split: str = "train"):
     """An Alpaca JSON / JSONL file or a `save_to_disk` folder -> `datasets.Dataset` with instruction, input, output.
 
-    Raises a one-line TeamsRLError naming the file for a missing path, malformed JSON, missing columns or no rows.
+    Raises a one-line TeamsRLError naming the file (and line) for a missing path, malformed JSON, missing
+    fields or no rows (the reader is `teams_rl.records`, shared with seeds and membership inference).
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise TeamsRLError(f"finetune dataset {path} does not exist")
-    if path.is_file():
-        return _records_to_dataset(_read_json_records(path), path)
-    from datasets import load_from_disk
+    from datasets import Dataset
 
-    folder = _saved_split(path, split)
-    if not json.loads((folder / "state.json").read_text()).get("_data_files"):
-        raise TeamsRLError(f"finetune dataset {folder} is empty")
-    loaded = load_from_disk(str(folder))
-    missing = [c for c in REQUIRED_COLUMNS if c not in loaded.column_names]
-    if missing:
-        raise TeamsRLError(f"finetune dataset {path}: missing column(s) {', '.join(missing)} "
-                           f"(columns: {', '.join(loaded.column_names)})")
-    if len(loaded) == 0:
-        raise TeamsRLError(f"finetune dataset {path} is empty")
-    keep = [c for c in ("instruction", "input", "output") if c in loaded.column_names]
-    loaded = loaded.select_columns(keep)
-    if "input" not in keep:
-        loaded = loaded.add_column("input", [""] * len(loaded))
-    return loaded
+    from teams_rl.records import alpaca_rows, read_records
+
+    rows = alpaca_rows(read_records(path, split, what="finetune dataset"), "finetune dataset", Path(path).expanduser())
+    return Dataset.from_list(rows)
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
@@ -274,6 +204,20 @@ class BatchStats:
                 "train_seconds": self.train_seconds, "example_ids": self.example_ids}
 
 
+def _right_pad(features: list[dict], pad_id: int):
+    """(input_ids, labels) tensors [batch, longest]: ids padded with `pad_id`, labels with -100."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.as_tensor(f["input_ids"])
+        labels[row, :n] = torch.as_tensor(f["labels"])
+    return ids, labels
+
+
 class PadCollator:
     """Right-pads a batch of examples to its longest one: input_ids with the pad id, labels with -100, and an
     attention mask. Used by `grouped` and `padded` batching."""
@@ -285,15 +229,10 @@ class PadCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
+        ids, labels = _right_pad(features, self.pad_id)
+        mask = torch.zeros_like(ids)
         for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.as_tensor(f["input_ids"])
-            labels[row, :n] = torch.as_tensor(f["labels"])
-            mask[row, :n] = 1
+            mask[row, :len(f["input_ids"])] = 1
         self.stats.add([f["example_id"] for f in features], int(mask.sum()), ids.numel())
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -309,15 +248,12 @@ class PackedCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        ids, labels = _right_pad(features, self.pad_id)
+        width = ids.shape[1]
         pos = torch.arange(width, dtype=torch.long).repeat(len(features), 1)
         real, example_ids = 0, []
         for row, f in enumerate(features):
             n = len(f["input_ids"])
-            ids[row, :n] = torch.as_tensor(f["input_ids"])
-            labels[row, :n] = torch.as_tensor(f["labels"])
             pos[row, :n] = torch.as_tensor(f["position_ids"])
             pos[row, n:] = torch.arange(width - n)
             real += n

@@ -1,13 +1,13 @@
 """Multi-process fine-tuning: the stage starts a launcher on this module, waits for it and forwards its logs.
 
-    python -m teams_rl.sft.launch <artifact>/job.yaml     # what each rank runs (not Hydra: no run-dir race)
+    python -m teams_rl.sft.train <artifact>/job.yaml      # what each rank runs (not Hydra: no run-dir race)
 
 Launchers, chosen from `finetune.*` (`launcher: auto` picks the first that applies):
-- `hostfile` set            -> `deepspeed --hostfile F --no_local_rank --module teams_rl.sft.launch JOB`
+- `hostfile` set            -> `deepspeed --hostfile F --no_local_rank --module teams_rl.sft.train JOB`
                                (DeepSpeed's runner; pdsh/ssh to the hosts, or a local launch for `localhost` only)
 - `nnodes > 1` (in SLURM)   -> `srun --nodes N --ntasks-per-node 1 torchrun --nnodes N --rdzv-backend c10d ...`
                                (one torchrun per allocated node; this process runs on the first node)
-- `nproc_per_node > 1`      -> `torchrun --nproc_per_node P -m teams_rl.sft.launch JOB` on this node
+- `nproc_per_node > 1`      -> `torchrun --nproc_per_node P -m teams_rl.sft.train JOB` on this node
                                (`launcher: deepspeed` -> `deepspeed --num_gpus P --no_local_rank ...`)
 """
 
@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from teams_rl.errors import TeamsRLError
+from teams_rl.ports import free_port
 
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("auto", "torchrun", "deepspeed")
+RANK_ENTRY = "teams_rl.sft.train"  # the module every rank runs (`python -m teams_rl.sft.train JOB`)
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
 
@@ -91,8 +93,8 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
 
 
 def build_command(settings: LaunchSettings, job_path: str | Path, port: int) -> list[str]:
-    """The launcher command line that runs `python -m teams_rl.sft.launch JOB` on every rank."""
-    entry = ["teams_rl.sft.launch", str(job_path)]
+    """The launcher command line that runs `python -m teams_rl.sft.train JOB` on every rank."""
+    entry = [RANK_ENTRY, str(job_path)]
     kind = settings.kind
     if kind == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port)]
@@ -200,31 +202,3 @@ def _last_error(log_path: Path) -> str:
     lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if re.search(r"(Error|Exception)\b", line) and "Traceback" not in line]
     return (errors or lines or ["no output"])[-1][:300]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """A rank's entry point: train the job in `argv[0]`."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m teams_rl.sft.launch JOB.yaml", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][rank " + os.environ.get("RANK", "0")
-                        + "][%(name)s] %(message)s")
-    from teams_rl.sft.train import TrainJob, train
-
-    try:
-        train(TrainJob.load(argv[0]))
-    except TeamsRLError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,8 @@
 """One SFT job: the prepared data, the target model and the HF Trainer (with DeepSpeed when configured).
 
 The same `train(job)` runs in the pipeline's process (one device) or in every rank of a job started by
-`teams_rl.sft.launch`. Everything it needs is in a `TrainJob` (saved as `job.yaml` in the artifact folder);
+`teams_rl.sft.launch` (each rank runs `python -m teams_rl.sft.train JOB.yaml`, `main` below). Everything it
+needs is in a `TrainJob` (saved as `job.yaml` in the artifact folder);
 its outputs go to the artifact folder:
 
     data/                  the tokenised (or packed) training set, written by the stage before training
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from teams_rl.errors import TeamsRLError
-from teams_rl.sft.launch import free_port
+from teams_rl.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +261,25 @@ def _save_final_model(trainer, out: Path) -> None:
             raise TeamsRLError(f"the trainer did not write a model into {partial}")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A rank's entry point: train the job in `argv[0]`."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m teams_rl.sft.train JOB.yaml", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][rank " + os.environ.get("RANK", "0")
+                        + "][%(name)s] %(message)s")
+    try:
+        train(TrainJob.load(argv[0]))
+    except TeamsRLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,8 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
 from teams_rl.stages import Stage
 
@@ -89,7 +90,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     on_cpu = not torch.cuda.is_available()
     ds = dsc.for_device(dsc.render(cfg.get("deepspeed")), on_cpu)
     dsc.check_toolchain(ds, on_cpu)
-    target = OmegaConf.to_container(cfg.target, resolve=True)
+    target = C.plain(cfg.target)
     accumulation_steps(int(target["global_batch_size"]), int(target["micro_batch_size"]), world)
     model_path = resolve_model(str(target["model"]), cfg.paths.get("cache"))
 

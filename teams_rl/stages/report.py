@@ -14,8 +14,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
 from teams_rl.llm.accounting import COUNTER_FIELDS
 from teams_rl.stages import Stage, plan
@@ -33,7 +34,7 @@ def _inputs(cfg: DictConfig) -> list[str]:
 
 
 def _settings(cfg: DictConfig) -> dict:
-    rep = OmegaConf.to_container(cfg.get("report") or {}, resolve=True)
+    rep = dict(C.plain(cfg.get("report")) or {})
     compare = rep.get("compare_with") or []
     if isinstance(compare, str):
         compare = [compare]

@@ -10,8 +10,8 @@ TeaMs-RL run and one `+experiment=wizardlm_baseline` run. From each it reads
 The ratios are extrapolated to the paper's scale: the 52,002 Alpaca seeds, WizardLM's 52K x 4 rounds x 3
 calls = 624K queries for 250K instructions, and TeaMs-RL's reported 5.73% (queries) and 6.75% (size).
 
-CLI: `python -m teams_rl.evol.costs TEAMS_GENERATE_DIR WIZARD_GENERATE_DIR [--out DIR]`, or
-`python -m teams_rl.evol.costs --artifacts artifacts` to pick the newest finished pair on the same seeds.
+CLI: `python -m teams_rl.report.costs TEAMS_GENERATE_DIR WIZARD_GENERATE_DIR [--out DIR]`, or
+`python -m teams_rl.report.costs --artifacts artifacts` to pick the newest finished pair on the same seeds.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def newest_pair(artifacts: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m teams_rl.evol.costs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m teams_rl.report.costs", description=__doc__.splitlines()[0])
     parser.add_argument("teams", nargs="?", help="TeaMs-RL generate artifact folder")
     parser.add_argument("wizard", nargs="?", help="WizardLM-baseline generate artifact folder")
     parser.add_argument("--artifacts", help="pick the newest pair from this artifacts root instead")
