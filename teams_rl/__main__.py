@@ -23,7 +23,7 @@ def _env_defaults() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     _env_defaults()
     from teams_rl.pipeline import run_pipeline
 
@@ -36,6 +36,13 @@ def main(cfg: DictConfig) -> None:
     print(json.dumps(results, indent=2, default=str))
     print(f"outputs: {run_dir} (config.resolved.yaml, run_manifest.json, metrics.json); "
           f"artifacts: {cfg.paths.artifacts}")
+
+
+def main() -> None:
+    from teams_rl.config_groups import register_role_groups
+
+    register_role_groups()
+    run()
 
 
 if __name__ == "__main__":

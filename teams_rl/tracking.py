@@ -27,7 +27,7 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 
 # Config groups whose choice is worth filtering runs by in the wandb UI.
-TAGGED_GROUPS = ("operators", "rl", "reward", "target", "expert", "instructor", "seeds", "eval")
+TAGGED_GROUPS = ("operators", "rl", "reward", "target", "expert", "instructor", "seeds", "evaluate")
 
 
 def _hydra_job() -> tuple[int | None, list[str]]:

@@ -27,6 +27,9 @@ def compose_config(overrides: list[str] = (), artifacts: Path | None = None, con
     """The config `python -m teams_rl <overrides>` would run, with wandb off and artifacts in `artifacts`."""
     from hydra import compose, initialize_config_dir
 
+    from teams_rl.config_groups import register_role_groups
+
+    register_role_groups()
     extra = ["logger=none"]
     if artifacts is not None:
         extra.append(f"paths.artifacts={artifacts}")

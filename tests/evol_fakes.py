@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from teams_rl.llm.types import ChatRequest, Completion
+from teams_rl.llm.types import ChatRequest
+from tests.fakes import FakeBackend, judge_pair
 
 LIBRARY = Path(__file__).resolve().parent.parent / "conf" / "operators" / "library.yaml"
-JUDGE = re.compile(r"First instruction:\s*(.*?)\s*Second instruction:\s*(.*?)\s*Answer", re.S)
 
 ADDITIONS = {
     "breadth": "Describe a rare regional variant instead.",
@@ -38,24 +38,23 @@ def operator_prefixes() -> dict[str, str]:
     return {name: spec["template"].split("{instruction}")[0] for name, spec in library.items()}
 
 
-class OperatorRuleBackend:
+class OperatorRuleBackend(FakeBackend):
     """Rewrites by rule: an operator in `changing_ops` (default: all) appends its own sentence to the
     instruction, any other returns the instruction unchanged. `style="messy"` wraps answers the way chat
     models do ('Sure! Here is the rewritten prompt:\\n"..."'); `fail_ops` answer with an error. Judge
     prompts get "Not Equal" iff the two instructions differ (`judge_style` "plain" | "chatty")."""
 
+    PREFIX = "oprule"
     instances: list[OperatorRuleBackend] = []
 
     def __init__(self, model: str = "oprule", changing_ops=None, style: str = "plain", fail_ops=(),
-                 judge_style: str = "plain", **_ignored):
-        self.model_id = f"oprule/{model}"
+                 judge_style: str = "plain", **kwargs):
+        super().__init__(model, **kwargs)
         self.changing = None if changing_ops is None else set(changing_ops)
         self.style = style
         self.fail_ops = set(fail_ops or ())
         self.judge_style = judge_style
         self.prefixes = operator_prefixes()
-        self.batches: list[int] = []
-        self.prompts: list[str] = []
         OperatorRuleBackend.instances.append(self)
 
     def operator_of(self, prompt: str) -> tuple[str | None, str]:
@@ -64,11 +63,11 @@ class OperatorRuleBackend:
                 return name, prompt[len(prefix):]
         return None, prompt
 
-    def respond(self, prompt: str) -> str | None:
-        match = JUDGE.search(prompt)
-        if match:
-            equal = " ".join(match.group(1).split()) == " ".join(match.group(2).split())
-            verdict = "Equal" if equal else "Not Equal"
+    def respond(self, request: ChatRequest) -> str | None:
+        prompt = request.messages[-1][1]
+        pair = judge_pair(prompt)
+        if pair is not None:
+            verdict = "Equal" if " ".join(pair[0].split()) == " ".join(pair[1].split()) else "Not Equal"
             return verdict if self.judge_style == "plain" else f"**{verdict}.** The second one differs in scope."
         name, instruction = self.operator_of(prompt)
         if name is None:
@@ -82,20 +81,6 @@ class OperatorRuleBackend:
         if self.style == "messy":
             return f'Sure! Here is the rewritten prompt:\n\n"{new}"\n\nExplanation: I applied {name}.'
         return new
-
-    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
-        self.batches.append(len(requests))
-        out = []
-        for request in requests:
-            prompt = request.messages[-1][1]
-            self.prompts.append(prompt)
-            text = self.respond(prompt)
-            if text is None:
-                out.append(Completion(text="", error="rule backend: refused"))
-            else:
-                out.append(Completion(text=text, prompt_tokens=len(prompt.split()),
-                                      completion_tokens=len(text.split()), finish_reason="stop"))
-        return out
 
 
 def hash_embed(texts, dim: int = 384) -> np.ndarray:

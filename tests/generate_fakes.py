@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import time
 
-from teams_rl.llm.types import ChatRequest, Completion
+from teams_rl.llm.types import ChatRequest
+from tests.fakes import FakeBackend, judge_pair
 
 GIVEN = "#Given Prompt#:"
-JUDGE = re.compile(r"First instruction:\s*(.*?)\s*Second instruction:\s*(.*?)\s*Answer with", re.S)
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "be", "du", "fa", "go", "hu", "ji", "pe", "so",
              "ty", "wa", "xe", "yo")
 
@@ -39,23 +37,20 @@ def pseudo_words(key: str, n: int) -> list[str]:
     return ["".join(SYLLABLES[b % len(SYLLABLES)] for b in digest[3 * i: 3 * i + 3]) for i in range(n)]
 
 
-class EvolFake:
-    """Rule-based backend (see the module docstring). `calls_file`, when set, gets one line per request sent,
-    so that a test can count the requests of a subprocess run."""
+class EvolFake(FakeBackend):
+    """Rule-based backend (see the module docstring). `calls_file` (or $EVOLFAKE_CALLS_FILE), when set, gets
+    one line per request sent, so that a test can count the requests of a subprocess run."""
 
     def __init__(self, model: str = "evolfake", fail_evolve=("Fibonacci",), near_copy=("Solve for x",),
                  copy_words=("sentiment",), too_short=("virus",), sorry=("poem",), equal_every: int = 0,
                  latency_s: float = 0.0, calls_file: str | None = None, **_ignored):
-        self.model_id = f"fake/{model}"
+        super().__init__(model, latency_s=latency_s, calls_file=calls_file or os.environ.get("EVOLFAKE_CALLS_FILE"))
         self.fail_evolve = tuple(fail_evolve)
         self.near_copy = tuple(near_copy)
         self.copy_words = tuple(copy_words)
         self.too_short = tuple(too_short)
         self.sorry = tuple(sorry)
         self.equal_every = int(equal_every)
-        self.latency_s = float(latency_s)
-        self.calls_file = calls_file or os.environ.get("EVOLFAKE_CALLS_FILE")
-        self.sent = 0
 
     @staticmethod
     def _has(text: str, markers) -> bool:
@@ -89,27 +84,12 @@ class EvolFake:
         prompt = request.messages[-1][1]
         if GIVEN in prompt:
             return self.rewrite(prompt, request.seed)
-        match = JUDGE.search(prompt)
-        if match:
-            return self.judge(match.group(1), match.group(2))
+        pair = judge_pair(prompt)
+        if pair is not None:
+            return self.judge(*pair)
         if self._has(prompt, self.sorry):
             return "Sorry, I cannot help with that."
         return f"Here is a careful answer. {prompt.strip()} The key points are explained step by step above."
-
-    def complete(self, requests: list[ChatRequest]) -> list[Completion]:
-        if self.latency_s:
-            time.sleep(self.latency_s)
-        out = []
-        for request in requests:
-            text = self.respond(request)
-            prompt = request.messages[-1][1]
-            out.append(Completion(text=text, prompt_tokens=len(prompt.split()), completion_tokens=len(text.split()),
-                                  finish_reason="stop"))
-        self.sent += len(requests)
-        if self.calls_file:
-            with open(self.calls_file, "a") as fh:
-                fh.write("".join(f"{r.purpose}\n" for r in requests))
-        return out
 
 
 def fake_llm_overrides(roles=("instructor", "reviewer", "expert"), **kwargs) -> list[str]:

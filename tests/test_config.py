@@ -11,16 +11,20 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, REPO, compose_config
 
-# Groups whose options are selected with `group=option`; `llm` is a library the role groups include.
-LIBRARY_GROUPS = {"llm", "experiment", "hydra"}
+# Groups whose options are selected with `group=option`; `llm` and `role` are what the role groups
+# (instructor, reviewer, expert: registered by teams_rl.config_groups) are made of.
+LIBRARY_GROUPS = {"llm", "role", "experiment", "hydra"}
 
 
 def group_options() -> list[tuple[str, str]]:
+    from teams_rl.config_groups import ROLES
+
     pairs = []
     for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in LIBRARY_GROUPS):
         for option in sorted(group.glob("*.yaml")):
             pairs.append((group.name, option.stem))
-    return pairs
+    presets = sorted(p.stem for p in (CONF_DIR / "llm").glob("*.yaml"))
+    return pairs + [(role, preset) for role in ROLES for preset in presets]
 
 
 def experiments() -> list[str]:
@@ -30,7 +34,7 @@ def experiments() -> list[str]:
 @pytest.mark.parametrize(("group", "option"), group_options())
 def test_every_group_option_composes(group, option, tmp_path):
     cfg = compose_config([f"{group}={option}"], tmp_path)
-    node = OmegaConf.select(cfg, "evaluate" if group == "eval" else group)
+    node = OmegaConf.select(cfg, group)
     assert node is not None
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 

@@ -73,12 +73,12 @@ def test_flatten_headlines_and_average():
 
 # --------------------------------------------------------------------------------------------- configs
 def test_openllm_v1_protocol(compose):
-    e = compose(["eval=openllm_v1"]).evaluate
+    e = compose(["evaluate=openllm_v1"]).evaluate
     shots = {k: (e.benchmarks[k].task, e.benchmarks[k].num_fewshot, e.benchmarks[k].metric) for k in e.tasks}
     assert shots == {"arc_challenge": ("arc_challenge", 25, "acc_norm"), "hellaswag": ("hellaswag", 10, "acc_norm"),
                      "mmlu": ("mmlu", 5, "acc"), "truthfulqa_mc2": ("truthfulqa_mc2", 0, "acc")}
     assert e.benchmarks.mmlu.average == "macro" and e.include_defaults and e.batch_size == 1
-    benches = harness.requested_benchmarks(compose(["eval=openllm_v1", "evaluate.num_fewshot=0"]).evaluate)
+    benches = harness.requested_benchmarks(compose(["evaluate=openllm_v1", "evaluate.num_fewshot=0"]).evaluate)
     assert {b.num_fewshot for b in benches} == {0}
 
 

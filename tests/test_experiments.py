@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -29,10 +28,11 @@ def fps(cfg):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_file_says_what_it_reproduces(name):
-    lines = (CONF_DIR / "experiment" / f"{name}.yaml").read_text().splitlines()
-    assert lines[0] == "# @package _global_"
-    assert lines[1].startswith("# ") and len(lines[1]) > 30, "the second line must say what it reproduces"
+def test_experiment_is_global_named_after_its_file_and_documented(name, tmp_path):
+    assert (CONF_DIR / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_\n")
+    # runs, wandb groups and sweep reports are named after the experiment
+    assert compose(name, tmp_path).experiment_name == name
+    assert f"`{name}`" in (REPO / "experiments" / "README.md").read_text(), "experiments/README.md must list it"
 
 
 def test_llama7b_is_the_papers_main_run(tmp_path):
@@ -115,28 +115,32 @@ def test_smoke_and_query_experiments_are_offline_and_small(tmp_path):
     assert list(teams.stages) == ["generate", "report"]
 
 
-def test_launcher_presets_compose(tmp_path):
+def _hydra_config(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from teams_rl.config_groups import register_role_groups
+
+    register_role_groups()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=["hydra/launcher=joblib", "+experiment=smoke"], return_hydra_config=True)
-        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
-        try:
-            import hydra_plugins.hydra_submitit_launcher  # noqa: F401
-        except ImportError:
-            return
-        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm_4gpu", "+experiment=llama7b"],
-                            return_hydra_config=True)
-        assert cfg.hydra.launcher.gpus_per_node == 4 and cfg.hydra.launcher.tasks_per_node == 1
+        return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_joblib_launcher_preset_composes():
+    cfg = _hydra_config(["hydra/launcher=joblib", "+experiment=smoke"])
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_slurm_launcher_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional `slurm` extra is not installed")
+    cfg = _hydra_config(["hydra/launcher=slurm_4gpu", "+experiment=llama7b"])
+    assert cfg.hydra.launcher.gpus_per_node == 4 and cfg.hydra.launcher.tasks_per_node == 1
 
 
 @pytest.mark.slow
 def test_smoke_runs_the_whole_pipeline_offline(tmp_path):
     cfg = compose("smoke", tmp_path / "artifacts", "logger=none")
-    started = time.perf_counter()
     results = run_pipeline(cfg, tmp_path / "run")
-    elapsed = time.perf_counter() - started
     manifest = json.loads((tmp_path / "run" / "run_manifest.json").read_text())
     assert set(manifest["stages"]) == {"policy", "generate", "finetune", "evaluate_base", "evaluate", "privacy",
                                        "report"}
@@ -151,7 +155,6 @@ def test_smoke_runs_the_whole_pipeline_offline(tmp_path):
     with open(report_dir / "openllm_v1.csv") as fh:
         rows = {r[0]: r for r in csv.reader(fh)}
     assert rows["fine-tuned: smoke"][1] == f"{100 * results['evaluate']['finetuned/arc_challenge']:.2f}"
-    assert elapsed < 180, f"smoke took {elapsed:.0f} s"
 
 
 @pytest.mark.slow

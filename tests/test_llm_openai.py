@@ -93,8 +93,9 @@ def test_retry_after_seconds_on_429_is_honoured(server, make_backend):
     answers = backend.complete(requests)
     elapsed = time.monotonic() - t0
     assert_echoed(requests, answers)
-    assert 1.0 <= elapsed < 3.0
+    assert elapsed >= 1.0
     assert backend.stats.retries == 4 and backend.stats.reasons == {"rate_limit": 4}
+    assert backend.stats.retry_wait_s == pytest.approx(4 * 1.0)  # each retry waited what Retry-After said
     for request in requests:
         first, second = [r for r in server.records if r.last_user_message == request.messages[-1][1]]
         assert (first.fault, second.fault) == ("429", None)
@@ -174,8 +175,9 @@ def test_retry_after_a_timeout(server, make_backend):
     t0 = time.monotonic()
     answers = backend.complete(requests)
     assert_echoed(requests, answers)
-    assert 0.5 <= time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 >= 0.5
     assert backend.stats.reasons == {"timeout": 3} and backend.stats.retries == 3
+    assert backend.stats.attempts == 6  # one timed-out attempt and one answered attempt per request
 
 
 def test_persistent_failures_are_counted_and_nothing_is_lost(server, make_backend):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from teams_rl.errors import TeamsRLError
@@ -44,9 +42,7 @@ def test_resolve_tiny_llama_writes_once_and_reuses(tmp_path):
     first = resolve_model("tiny_llama", cache_dir=tmp_path)
     weights = next(p for p in (tmp_path / "models" / "tiny_llama").iterdir() if p.suffix == ".safetensors")
     written = weights.stat().st_mtime_ns
-    start = time.perf_counter()
-    second = resolve_model("tiny_llama", cache_dir=tmp_path)
-    assert time.perf_counter() - start < 0.1
+    second = resolve_model("tiny_llama", cache_dir=tmp_path)  # reused: the weights are not written again
     assert first == second == str(tmp_path / "models" / "tiny_llama")
     assert weights.stat().st_mtime_ns == written
     model, tok = load_causal_lm(first)

@@ -31,10 +31,11 @@ def _run(compose, tmp_path, overrides, name="run"):
     ("trpo", 20, 0.7),
     ("ppo", 12, 0.8),
     ("a2c", 20, 0.8),
-    pytest.param("trpo_paper", 60, 0.5, marks=pytest.mark.slow),  # 6 transitions per update, as in the paper
+    pytest.param("trpo_paper", 60, 0.5, marks=pytest.mark.slow),  # with policy=paper: 6 transitions per update
 ])
 def test_learning_raises_the_rewarded_operators_probability(compose, tmp_path, rl, updates, threshold):
-    _, metrics, folder, rows = _run(compose, tmp_path, [f"rl={rl}", f"policy.updates={updates}",
+    paper_mdp = ["policy=paper"] if rl == "trpo_paper" else []
+    _, metrics, folder, rows = _run(compose, tmp_path, [f"rl={rl}", *paper_mdp, f"policy.updates={updates}",
                                                         "policy.checkpoint_every=1000"])
     assert metrics["updates"] == updates and len(rows) == updates
     assert rows[0][f"op_prob/{TARGET}"] < 0.3
@@ -74,7 +75,7 @@ def test_trained_agent_artifact_and_scores(compose, tmp_path):
 
 
 def test_paper_box_agent_scores_are_the_gaussian_before_bias(compose, tmp_path):
-    _, _, folder, _ = _run(compose, tmp_path, ["rl=trpo_paper", "policy.updates=2"])
+    _, _, folder, _ = _run(compose, tmp_path, ["rl=trpo_paper", "policy=paper", "policy.updates=2"])
     agent = load_agent(folder)
     meta = json.loads((folder / "agent.json").read_text())
     assert meta["action_space"] == "box" and meta["action_bias"] == [0.3, 0, 0, 0, 0, 0]
@@ -170,13 +171,22 @@ def test_fingerprint_ignores_mechanics_but_not_the_mdp(compose):
 
 
 def test_paper_preset_selects_the_paper_mdp_and_reward(compose):
-    cfg = compose(["rl=trpo_paper"])
+    cfg = compose(["+experiment=llama7b"])
     assert cfg.rl.algorithm == "trpo_paper" and cfg.rl.action_space == "box" and cfg.rl.action_bias.breadth == 0.3
     assert cfg.policy.updates == 200 and cfg.policy.n_envs == 1 and cfg.policy.steps_per_update == 6
     assert cfg.policy.seed == 543 and list(cfg.policy.seed_instructions) == ["How to cook food?"]
     assert list(cfg.reward.terms) == ["reviewer_judge"]
-    assert compose(["rl=trpo_paper", "reward=embedding_novelty"]).reward.terms.embedding_novelty.weight == 1.0
-    assert compose(["rl=trpo_paper", "policy.updates=3"]).policy.updates == 3
+    assert compose(["+experiment=llama7b", "reward=embedding_novelty"]).reward.terms.embedding_novelty.weight == 1.0
+    assert compose(["+experiment=llama7b", "policy.updates=3"]).policy.updates == 3
+
+
+def test_rl_changes_only_the_algorithm(compose):
+    """A sweep over `rl` compares algorithms on one MDP and one reward: no rl preset selects other groups."""
+    default = compose([])
+    for rl in ("trpo", "trpo_paper", "ppo", "a2c", "random", "fixed"):
+        cfg = compose([f"rl={rl}"])
+        for group in ("policy", "reward", "operators", "generate", "seeds"):
+            assert cfg[group] == default[group], f"rl={rl} changed {group}"
 
 
 @pytest.mark.parametrize("overrides, message", [
