@@ -33,6 +33,8 @@ def run(cfg: DictConfig) -> None:
     except TeamsRLError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    if "dry_run" in results:  # the table is printed; the figures are in the run dir
+        return
     print(json.dumps(results, indent=2, default=str))
     print(f"outputs: {run_dir} (config.resolved.yaml, run_manifest.json, metrics.json); "
           f"artifacts: {cfg.paths.artifacts}")

@@ -128,6 +128,27 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str
     return name_or_path
 
 
+def check_model(name_or_path: str, cache_dir: str | Path | None = None, key: str = "model") -> None:
+    """Fail in one line, without loading or converting anything, when `resolve_model` would: a missing path,
+    a folder that is no checkpoint, SmolLM2 not installed, or (offline) a hub id that is not cached."""
+    if name_or_path == "tiny_llama":
+        return
+    if name_or_path == "smollm2":
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        if not (cache / "models" / "smollm2-135m-instruct" / ".complete").exists():
+            smollm2_gguf_path()
+        return
+    try:
+        path = Path(name_or_path).expanduser()
+        if path.exists() or name_or_path.startswith(("/", "./", "../", "~")):
+            resolve_model(name_or_path, cache_dir)
+        elif os.environ.get("HF_HUB_OFFLINE") == "1" and _hub_cached(name_or_path) is None:
+            raise TeamsRLError(f"model '{name_or_path}' is neither a local path nor in the hub cache, and "
+                               "HF_HUB_OFFLINE=1 forbids downloading it")
+    except TeamsRLError as err:
+        raise TeamsRLError(f"{key}: {err}") from None
+
+
 def model_to_score(given: str | None, cache_dir, finetune_artifact: str | Path | None) -> str:
     """The checkpoint a stage benchmarks or attacks: `given` (a path or built-in name) if set, else the finetune
     stage's `model/` folder, which must hold a saved checkpoint."""

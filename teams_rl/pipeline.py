@@ -18,11 +18,13 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from teams_rl import config as C
 from teams_rl.artifacts import ArtifactStore, config_slice, fingerprint, write_json_atomic
 from teams_rl.errors import BudgetExceeded, TeamsRLError
 from teams_rl.llm.accounting import COUNTER_FIELDS
 from teams_rl.llm.client import LLMClient
 from teams_rl.llm.factory import LLMPool
+from teams_rl.llm.failures import FailureBudget, LLMFailures
 from teams_rl.stages import Stage, load_stage, plan
 from teams_rl.tracking import StageTracker, resolved_config
 
@@ -46,12 +48,24 @@ def fingerprints(cfg: DictConfig, names: list[str]) -> dict[str, str]:
     return fps
 
 
-def validate_plan(cfg: DictConfig, order: list[str]) -> None:
-    """Every planned stage's own checks, before any of them runs."""
+def validate_plan(cfg: DictConfig, order: list[str], llms: LLMPool | None = None) -> None:
+    """Every planned stage's own checks, before any of them runs: its `validate(cfg)`, its failure budget and
+    the LLM clients of the roles it calls (building one checks its key variable, model path or cache)."""
     for name in order:
         stage = load_stage(name)
         if stage.validate is not None:
             stage.validate(cfg)
+        failure_fraction(cfg, name)
+        for role in stage.roles_for(cfg):
+            if llms is not None:
+                llms.client(role)
+
+
+def failure_fraction(cfg: DictConfig, name: str) -> float:
+    """`<stage>.max_failed_fraction` (default 0: any request that fails after its retries stops the stage)."""
+    if OmegaConf.select(cfg, name, default=None) is None:
+        return 0.0
+    return C.fraction(cfg, f"{name}.max_failed_fraction", optional=True) or 0.0
 
 
 @dataclass
@@ -67,6 +81,7 @@ class StageContext:
     input_manifests: dict[str, dict]
     llms: LLMPool
     tracker: StageTracker
+    failures: FailureBudget | None = None
     extra: dict = field(default_factory=dict)
 
     def llm(self, role: str) -> LLMClient:
@@ -74,6 +89,18 @@ class StageContext:
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
+
+
+def dry_run_settings(cfg: DictConfig) -> dict | None:
+    """`dry_run=true` or `dry_run.pilot=N` (a pilot implies a dry run): {"pilot": N or 0}; None for a real run."""
+    node = cfg.get("dry_run")
+    if node is True:
+        return {"pilot": 0}
+    if node in (None, False):
+        return None
+    enabled = C.boolean(cfg, "dry_run.enabled", default=False)
+    pilot = C.integer(cfg, "dry_run.pilot", minimum=0, optional=True) or 0
+    return {"pilot": pilot} if enabled or pilot else None
 
 
 def git_commit() -> str | None:
@@ -115,8 +142,10 @@ def _accounting_delta(before: dict, after: dict) -> dict:
             diff = {f: counters[f] - old.get(f, 0) for f in fields}
             if any(diff.values()):
                 purposes[purpose] = diff
+        kinds = {k: n - prev.get("failure_kinds", {}).get(k, 0) for k, n in now.get("failure_kinds", {}).items()}
+        kinds = {k: n for k, n in kinds.items() if n}
         if any(row.values()):
-            delta[role] = {"model": now["model"], **row, "by_purpose": purposes}
+            delta[role] = {"model": now["model"], **row, "failure_kinds": kinds, "by_purpose": purposes}
     return delta
 
 
@@ -126,9 +155,20 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     order = plan(cfg)
     fps = fingerprints(cfg, order)
-    validate_plan(cfg, order)
     store = ArtifactStore(cfg.paths.artifacts)
     llms = LLMPool(cfg, cfg.paths.get("llm_cache"))
+    dry = dry_run_settings(cfg)
+    try:
+        validate_plan(cfg, order, None if dry else llms)  # a dry run lists role problems instead of stopping
+        if dry is not None:
+            from teams_rl.dry_run import dry_run
+
+            result = {"dry_run": dry_run(cfg, order, fps, store, llms, run_dir, dry)}
+            llms.close()
+            return result
+    except BaseException:
+        llms.close()
+        raise
 
     with open(run_dir / "config.resolved.yaml", "w") as fh:
         fh.write(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
@@ -148,6 +188,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
             write_json_atomic(run_dir / "run_manifest.json", run_manifest)
     except BudgetExceeded:
         run_manifest["stopped"] = "budget"
+        raise
+    except LLMFailures:
+        run_manifest["stopped"] = "llm_failures"
         raise
     finally:
         run_manifest["llm"] = llms.accounting()
@@ -173,7 +216,7 @@ def _run_stage(name, cfg, fps, store, llms, run_dir, run_manifest) -> dict:
     store.folder(name, fp).parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(store.lock_path(name, fp))):
         manifest = store.load_manifest(name, fp)
-        if manifest is not None:
+        if manifest is not None and not stage.always_run:
             log.info("stage %s: reusing %s", name, store.folder(name, fp))
             entry.update(status="cached", duration_s=0.0)
             if stage.on_cached is not None:  # e.g. the report publishes itself into this run dir
@@ -182,15 +225,20 @@ def _run_stage(name, cfg, fps, store, llms, run_dir, run_manifest) -> dict:
 
         out_dir = store.prepare(name, fp, stage.resumable)
         tracker = StageTracker(cfg, name, run_dir)
-        ctx = StageContext(name, cfg, out_dir, run_dir, fp, ins, input_manifests, llms, tracker)
+        failures = FailureBudget(name, failure_fraction(cfg, name))
+        ctx = StageContext(name, cfg, out_dir, run_dir, fp, ins, input_manifests, llms, tracker, failures)
         log.info("stage %s: running into %s", name, out_dir)
         before = llms.accounting()
         started, t0 = _now(), time.perf_counter()
+        llms.attach_failures(failures)
         try:
             metrics = stage.run(cfg, ctx) or {}
             tracker.summary({f"{name}/{k}": v for k, v in metrics.items()})
         finally:
+            llms.attach_failures(None)
             tracker.finish()
+        if failures.exceeded():  # a stage that swallowed a failure must not commit it as a result
+            raise failures.error(kept=f"{name} finished but its artifact is not committed")
         duration = time.perf_counter() - t0
         store.commit(name, fp, {
             "stage": name,

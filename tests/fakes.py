@@ -29,8 +29,11 @@ class FakeBackend:
     it was sent: `batches` (sizes), `prompts` (last user messages), `sent` (requests). `calls_file`, when set,
     gets one line per request (its purpose), so a test can count the requests of a subprocess run."""
 
-    def __init__(self, model: str = "fake", latency_s: float = 0.0, calls_file: str | None = None, **_ignored):
+    def __init__(self, model: str = "fake", latency_s: float = 0.0, calls_file: str | None = None,
+                 batch_size: int | None = None, **_ignored):
         self.model_id = f"{self.PREFIX}/{model}"
+        if batch_size:
+            self.batch_size = int(batch_size)  # the most requests one `complete` call gets
         self.latency_s = float(latency_s)
         self.calls_file = calls_file
         self.batches: list[int] = []

@@ -10,7 +10,7 @@ Answers are a pure function of the prompt (and the request seed), so reruns, res
 - anything else is answered with a sentence that repeats the question.
 
 Markers (substrings of the instruction being rewritten or answered):
-  fail_evolve   the rewrite comes back empty (an evolution failure)
+  fail_evolve   the rewrite only echoes the template's marker (an unusable rewrite: an evolution failure)
   near_copy     the in-depth rewrite is the instruction plus one word (a ROUGE-L near-duplicate of it)
   copy_words    the in-depth rewrite mentions "the given prompt" (WizardLM rule 4)
   too_short     the in-depth rewrite has 3 words (Alpaca's length filter)
@@ -43,8 +43,9 @@ class EvolFake(FakeBackend):
 
     def __init__(self, model: str = "evolfake", fail_evolve=("Fibonacci",), near_copy=("Solve for x",),
                  copy_words=("sentiment",), too_short=("virus",), sorry=("poem",), equal_every: int = 0,
-                 latency_s: float = 0.0, calls_file: str | None = None, **_ignored):
-        super().__init__(model, latency_s=latency_s, calls_file=calls_file or os.environ.get("EVOLFAKE_CALLS_FILE"))
+                 latency_s: float = 0.0, calls_file: str | None = None, batch_size: int | None = None, **_ignored):
+        super().__init__(model, latency_s=latency_s, calls_file=calls_file or os.environ.get("EVOLFAKE_CALLS_FILE"),
+                         batch_size=batch_size)
         self.fail_evolve = tuple(fail_evolve)
         self.near_copy = tuple(near_copy)
         self.copy_words = tuple(copy_words)
@@ -60,7 +61,7 @@ class EvolFake(FakeBackend):
         instruction = prompt.rsplit(GIVEN, 1)[1].strip()
         key = f"{instruction}|{seed}"
         if self._has(instruction, self.fail_evolve):
-            return ""
+            return "#Rewritten Prompt#:"
         if "Prompt Creator" in prompt:
             return "Explain " + " ".join(pseudo_words(key + "|breadth", 7)) + "."
         if self._has(instruction, self.near_copy):

@@ -17,7 +17,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "teams_rl"
 # The import floors of docs/architecture.md, lowest first; anything else is the ground floor.
 FLOORS = {"teams_rl.llm": 1, "teams_rl.evol": 2, "teams_rl.sft": 2, "teams_rl.eval": 2, "teams_rl.report": 3,
-          "teams_rl.stages": 4, "teams_rl.pipeline": 5, "teams_rl.__main__": 6}
+          "teams_rl.stages": 4, "teams_rl.pipeline": 5, "teams_rl.dry_run": 5, "teams_rl.__main__": 6}
 
 
 def _modules() -> dict[str, Path]:

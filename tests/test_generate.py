@@ -176,8 +176,8 @@ def test_sigkill_resume_matches_uninterrupted_run(compose, tmp_path, monkeypatch
     never interrupted; then a rerun of the finished generation sends zero requests."""
     from teams_rl.pipeline import run_pipeline
 
-    overrides = (fake_llm_overrides(latency_s=0.05) + FAST_POLICY + FIXED + PAPER_RULES + QUIET +
-                 ["stages=[generate]", "seeds.limit=12", "generate.chunk_size=2"])
+    overrides = (fake_llm_overrides(latency_s=0.05, batch_size=2) + FAST_POLICY + FIXED + PAPER_RULES + QUIET +
+                 ["stages=[generate]", "seeds.limit=12"])
     # reference: uninterrupted, in-process
     ref_cfg = compose(overrides, artifacts=tmp_path / "ref")
     run_pipeline(ref_cfg, tmp_path / "ref_run")
@@ -224,7 +224,7 @@ def test_sigkill_resume_matches_uninterrupted_run(compose, tmp_path, monkeypatch
     ref_lines = [json.loads(x) for x in (ref_folder / "journal.jsonl").read_text().splitlines()]
     assert strip(lines) == strip(ref_lines)
     sent = len(calls.read_text().splitlines())
-    # both processes together asked for each request once, plus at most the one batch in flight at the kill
+    # both processes together asked for each request once, plus at most the batch (of 2) in flight at the kill
     assert 69 <= sent <= 69 + 6, (sent, partial)
 
     # a rerun of a finished generation (manifest removed, so the stage really runs again) sends nothing

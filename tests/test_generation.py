@@ -85,8 +85,8 @@ def test_random_agent_choices_depend_only_on_seed_and_step(tmp_path):
     agent = Agent({"algorithm": "random", "operators": OPS, "episode_length": 3})
     first, _, _ = generator(tmp_path / "a", agent=agent)
     first.run(progress=False)
-    # the same seeds in another order and another batch size choose the same operators
-    second, _, _ = generator(tmp_path / "b", agent=agent, chunk_size=1)
+    # the same seeds in another order and on the other schedule choose the same operators
+    second, _, _ = generator(tmp_path / "b", agent=agent, schedule="barrier")
     second.seeds = list(reversed(SEEDS))
     second.run(progress=False)
     ops = lambda g: {r["id"]: r["operator"] for r in g.records()}  # noqa: E731

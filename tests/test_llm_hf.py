@@ -82,7 +82,9 @@ def test_stops_at_eos_and_chat_end(tiny_llama_dir):
     b.model.lm_head.weight.data.zero_()  # all logits equal: greedy picks token 0, which is EOS
     assert tok.eos_token_id == 0
     answer = b.complete([ChatRequest.chat("Hi", max_tokens=8, temperature=0.0)])[0]
-    assert (answer.text, answer.completion_tokens, answer.finish_reason) == ("", 1, "stop")
+    # it stopped at the first token, EOS: an empty answer is no result (greedy, so it is not sampled again)
+    assert (answer.ok, answer.error_kind, answer.completion_tokens) == (False, "empty", 1)
+    assert "answered nothing (1 token(s), stop)" in answer.error
     b.close()
     assert b.model is None
 
@@ -93,7 +95,7 @@ def test_generate_kwargs_apply_and_key_the_cache(tiny_llama_dir):
     b.complete([ChatRequest.chat("warm up", max_tokens=1)])  # min_new_tokens is capped at max_tokens
     b.model.lm_head.weight.data.zero_()  # EOS (token 0) wins as soon as it is allowed
     answer = b.complete([ChatRequest.chat("Hi", max_tokens=8, temperature=0.0)])[0]
-    assert (answer.completion_tokens, answer.finish_reason) == (4, "stop")
+    assert answer.completion_tokens == 4 and "(4 token(s), stop)" in answer.error  # EOS only after 3 tokens
     b.close()
 
 

@@ -15,6 +15,9 @@ from tests.conftest import REPO
 from tests.fakes import RuleBackend, rule_llm_overrides
 
 LLM_CHECK = ["stages=[llm_check]", *rule_llm_overrides()]
+# A cheap cacheable stage: one update of a random policy over rule-based instructor and reviewer.
+POLICY = ["stages=[policy]", *rule_llm_overrides(("instructor", "reviewer")), "rl=random", "reward=reviewer_judge",
+          "policy.updates=1", "policy.n_envs=2", "policy.steps_per_update=2", "policy.progress=false"]
 
 
 def fp(cfg, stage="llm_check"):
@@ -26,25 +29,36 @@ def sent_queries() -> int:
 
 
 def test_finished_stage_is_reused_without_any_query(compose, tmp_path):
-    cfg = compose(LLM_CHECK)
+    cfg = compose(POLICY)
     RuleBackend.instances.clear()
     first = run_pipeline(cfg, tmp_path / "run1")
-    # One backend serves the 3 roles. The expert asks exactly what the instructor asked, so it is served by
-    # the request cache; the greedy reviewer's requests differ (temperature 0) and are sent.
-    assert sent_queries() == 8
+    sent = sent_queries()
     manifest = json.loads((tmp_path / "run1" / "run_manifest.json").read_text())
-    assert manifest["stages"]["llm_check"]["status"] == "ran"
+    assert manifest["stages"]["policy"]["status"] == "ran"
     llm = manifest["llm"]
-    assert (llm["instructor"]["queries"], llm["reviewer"]["queries"], llm["expert"]["queries"]) == (4, 4, 0)
-    assert llm["expert"]["cache_hits"] == 4
+    assert llm["instructor"]["queries"] == 4 and sent == 4 + llm["reviewer"]["queries"] > 4
 
     RuleBackend.instances.clear()
     second = run_pipeline(cfg, tmp_path / "run2")
     assert sent_queries() == 0
     assert second == first
     manifest = json.loads((tmp_path / "run2" / "run_manifest.json").read_text())
-    assert manifest["stages"]["llm_check"]["status"] == "cached"
+    assert manifest["stages"]["policy"]["status"] == "cached"
     assert manifest["llm"] == {}
+
+
+def test_llm_check_is_never_served_from_the_cache(compose, tmp_path):
+    """A reachability check from yesterday says nothing about today: llm_check always asks again."""
+    cfg = compose(LLM_CHECK)
+    RuleBackend.instances.clear()
+    run_pipeline(cfg, tmp_path / "run1")
+    # One backend serves the 3 roles. The expert asks exactly what the instructor asked, so it is served by
+    # the request cache; the greedy reviewer's requests differ (temperature 0) and are sent.
+    assert sent_queries() == 8
+    run_pipeline(cfg, tmp_path / "run2")
+    manifest = json.loads((tmp_path / "run2" / "run_manifest.json").read_text())
+    assert manifest["stages"]["llm_check"]["status"] == "ran"
+    assert manifest["llm"]["instructor"]["cache_hits"] == 4  # asked again (answered by the request cache)
 
 
 def test_stage_manifest_records_config_accounting_and_versions(compose, tmp_path):
@@ -119,15 +133,15 @@ def test_budget_stop_is_one_line_and_exit_3(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_of_two_jobs_computes_shared_stage_once(tmp_path):
-    proc = _cli("-m", *LLM_CHECK, "logger=none", "experiment_name=job_a,job_b", f"paths.artifacts={tmp_path}/a",
+    proc = _cli("-m", *POLICY, "logger=none", "experiment_name=job_a,job_b", f"paths.artifacts={tmp_path}/a",
                 f"hydra.sweep.dir={tmp_path}/sweep")
     assert proc.returncode == 0, proc.stderr
     statuses = []
     for job in ("0", "1"):
         manifest = json.loads((tmp_path / "sweep" / job / "run_manifest.json").read_text())
-        statuses.append(manifest["stages"]["llm_check"]["status"])
+        statuses.append(manifest["stages"]["policy"]["status"])
     assert statuses == ["ran", "cached"]
-    assert len(list((tmp_path / "a" / "llm_check").glob("*/manifest.json"))) == 1
+    assert len(list((tmp_path / "a" / "policy").glob("*/manifest.json"))) == 1
 
 
 def test_a_user_given_input_file_counts_by_content(compose, tmp_path):

@@ -22,6 +22,19 @@ class Rewrite:
         return self.text is None
 
 
+def evolve_request(opset: OperatorSet, op: int, instruction: str, seed: int | None = None, purpose: str = "evolve", *,
+                   max_tokens: int | None = None, temperature: float | None = None) -> ChatRequest:
+    """The request that applies operator `op` to `instruction` (unset sampling fields: the role's defaults)."""
+    return ChatRequest.chat(opset.render(int(op), instruction), max_tokens=max_tokens, temperature=temperature,
+                            seed=None if seed is None else int(seed), purpose=purpose)
+
+
+def to_rewrite(completion: Completion, min_words: int = 3) -> Rewrite:
+    """The cleaned instruction inside an answer (None: the answer is no usable rewrite, or the request failed)."""
+    text = clean_rewrite(completion.text, min_words=min_words) if completion.ok else None
+    return Rewrite(text=text, raw=completion.text or "", completion=completion)
+
+
 def evolve_detailed(client, opset: OperatorSet, instructions: Sequence[str], op_ids: Sequence[int],
                     seeds: Sequence[int] | None = None, purpose: str = "evolve", *, max_tokens: int | None = None,
                     temperature: float | None = None, min_words: int = 3) -> list[Rewrite]:
@@ -32,17 +45,10 @@ def evolve_detailed(client, opset: OperatorSet, instructions: Sequence[str], op_
         raise ValueError(f"{len(instructions)} instructions but {len(seeds)} seeds")
     if not instructions:
         return []
-    requests = [
-        ChatRequest.chat(opset.render(int(op), text), max_tokens=max_tokens, temperature=temperature,
-                         seed=None if seeds is None else int(seeds[i]), purpose=purpose)
-        for i, (text, op) in enumerate(zip(instructions, op_ids, strict=True))
-    ]
-    completions = client.complete(requests)
-    out = []
-    for completion in completions:
-        text = clean_rewrite(completion.text, min_words=min_words) if completion.ok else None
-        out.append(Rewrite(text=text, raw=completion.text or "", completion=completion))
-    return out
+    requests = [evolve_request(opset, op, text, None if seeds is None else seeds[i], purpose, max_tokens=max_tokens,
+                               temperature=temperature)
+                for i, (text, op) in enumerate(zip(instructions, op_ids, strict=True))]
+    return [to_rewrite(c, min_words) for c in client.complete(requests)]
 
 
 def evolve(client, opset: OperatorSet, instructions: list[str], op_ids: list[int], seeds: list[int] | None = None,

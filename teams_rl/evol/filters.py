@@ -75,26 +75,33 @@ class FilterSettings:
         alpaca = C.get(cfg, "alpaca", {})
         rouge = C.get(cfg, "rouge_l", {})
         d = cls()
+        root = {"filters": cfg}
+
+        def num(key: str, default, kind):
+            if C.get(cfg, key) is None:
+                return default
+            read = C.integer if kind is int else C.number
+            return kind(read(root, f"filters.{key}"))
         settings = cls(
             no_info_gain=bool(C.get(elim, "no_info_gain", d.no_info_gain)),
             judge_prompt=C.get(judge, "prompt", None),
             judge_strict=bool(C.get(judge, "strict", d.judge_strict)),
-            judge_max_tokens=int(C.get(judge, "max_tokens", d.judge_max_tokens)),
+            judge_max_tokens=num("elimination.judge.max_tokens", d.judge_max_tokens, int),
             sorry_short=bool(C.get(elim, "sorry_short", d.sorry_short)),
-            sorry_max_words=int(C.get(elim, "sorry_max_words", d.sorry_max_words)),
+            sorry_max_words=num("elimination.sorry_max_words", d.sorry_max_words, int),
             only_punct_stopwords=bool(C.get(elim, "only_punct_stopwords", d.only_punct_stopwords)),
             copied_prompt_words=bool(C.get(elim, "copied_prompt_words", d.copied_prompt_words)),
             prompt_words=tuple(str(w).lower() for w in C.get(elim, "prompt_words", d.prompt_words)),
             alpaca=bool(C.get(alpaca, "enabled", d.alpaca)),
-            min_words=int(C.get(alpaca, "min_words", d.min_words)),
-            max_words=int(C.get(alpaca, "max_words", d.max_words)),
+            min_words=num("alpaca.min_words", d.min_words, int),
+            max_words=num("alpaca.max_words", d.max_words, int),
             blacklist=tuple(str(w).lower() for w in C.get(alpaca, "blacklist", d.blacklist)),
             drop_write_a_program=bool(C.get(alpaca, "drop_write_a_program", d.drop_write_a_program)),
             drop_leading_punctuation=bool(C.get(alpaca, "drop_leading_punctuation", d.drop_leading_punctuation)),
             drop_leading_non_ascii=bool(C.get(alpaca, "drop_leading_non_ascii", d.drop_leading_non_ascii)),
             exact_dedup=bool(C.get(cfg, "exact_dedup", d.exact_dedup)),
             rouge_l=bool(C.get(rouge, "enabled", d.rouge_l)),
-            rouge_threshold=float(C.get(rouge, "threshold", d.rouge_threshold)),
+            rouge_threshold=num("rouge_l.threshold", d.rouge_threshold, float),
             rouge_against_seeds=bool(C.get(rouge, "against_seeds", d.rouge_against_seeds)),
             rouge_within_seed=bool(C.get(rouge, "within_seed", d.rouge_within_seed)),
         )

@@ -28,13 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from teams_rl import config as C
-from teams_rl.errors import TeamsRLError
+from teams_rl.errors import BudgetExceeded, TeamsRLError
+from teams_rl.evol.evolution import evolve_request, to_rewrite
 from teams_rl.evol.filters import RULE1, FilterSettings, TextRules
 from teams_rl.evol.journal import Journal
 from teams_rl.evol.seeds import Seed
-from teams_rl.llm.types import ChatRequest
+from teams_rl.llm.client import Scheduler
+from teams_rl.llm.failures import FailureBudget
+from teams_rl.llm.types import ChatRequest, Completion
 
 MODES = ("teams_rl", "wizardlm")
+SCHEDULES = ("stream", "barrier")
 EVOLUTION_FAILED = "evolution_failed"
 ANSWER_FAILED = "answer_failed"
 COLUMNS = ("id", "seed_id", "step", "operator", "parent_id", "parent_instruction", "instruction", "input", "output")
@@ -62,8 +66,11 @@ class Rules:
 
 def build_rules(gen, opset) -> Rules:
     rules = C.get(gen, "rules", {})
-    forced = frozenset(int(s) for s in (C.get(rules, "forced_breadth_steps") or []))
-    steps = int(C.get(gen, "episode_length"))
+    forced_list = C.plain(C.get(rules, "forced_breadth_steps")) or []
+    if isinstance(forced_list, (str, int)) or any(isinstance(s, bool) or not isinstance(s, int) for s in forced_list):
+        raise TeamsRLError(f"generate.rules.forced_breadth_steps must be a list of 1-based steps, got {forced_list!r}")
+    forced = frozenset(forced_list)
+    steps = C.integer({"generate": gen}, "generate.episode_length", minimum=1)
     bad = sorted(s for s in forced if not 1 <= s <= steps)
     if bad:
         raise TeamsRLError(f"generate.rules.forced_breadth_steps {bad} outside 1..{steps}")
@@ -72,7 +79,10 @@ def build_rules(gen, opset) -> Rules:
                            f"'{opset.name}' has none")
     bias = np.zeros(len(opset))
     for name, value in (C.plain(C.get(rules, "op_bias")) or {}).items():
-        bias[opset.index(str(name))] += float(value)
+        index = opset.index(str(name))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TeamsRLError(f"generate.rules.op_bias.{name} must be a number, got {value!r}")
+        bias[index] += float(value)
     replace = C.get(rules, "replace_breadth_with")
     return Rules(forced, bias, None if replace in (None, "") else opset.index(str(replace)),
                  tuple(opset.breadth_indices))
@@ -86,29 +96,30 @@ class GenerationSettings:
     steps: int
     merge_input: bool
     deterministic: bool
-    chunk_size: int
     evolve_max_tokens: int | None
     evolve_temperature: float | None
     min_words: int
     answer_system: str | None
     answer_max_tokens: int | None
     answer_temperature: float | None
+    schedule: str = "stream"
 
     @classmethod
     def from_config(cls, gen) -> GenerationSettings:
-        mode = str(C.get(gen, "mode", "teams_rl"))
-        if mode not in MODES:
-            raise TeamsRLError(f"generate.mode must be one of {', '.join(MODES)}, got '{mode}'")
-        steps = int(C.get(gen, "episode_length"))
-        if steps < 1:
-            raise TeamsRLError(f"generate.episode_length must be >= 1, got {steps}")
-        ev, ans = C.get(gen, "evolve", {}), C.get(gen, "answer", {})
-        return cls(mode=mode, steps=steps, merge_input=bool(C.get(gen, "merge_input", True)),
-                   deterministic=bool(C.get(gen, "deterministic", True)),
-                   chunk_size=max(1, int(C.get(gen, "chunk_size", 256))),
-                   evolve_max_tokens=C.get(ev, "max_tokens"), evolve_temperature=C.get(ev, "temperature"),
-                   min_words=int(C.get(ev, "min_words", 3)), answer_system=C.get(ans, "system") or None,
-                   answer_max_tokens=C.get(ans, "max_tokens"), answer_temperature=C.get(ans, "temperature"))
+        """Checked values of the `generate` node (wrong types and ranges are one line naming the key)."""
+        g = {"generate": gen}
+        mode = C.choice(g, "generate.mode", MODES, default="teams_rl")
+        schedule = C.choice(g, "generate.schedule", SCHEDULES, default="stream")
+        steps = C.integer(g, "generate.episode_length", minimum=1)
+        return cls(mode=mode, schedule=schedule, steps=steps,
+                   merge_input=C.boolean(g, "generate.merge_input", default=True),
+                   deterministic=C.boolean(g, "generate.deterministic", default=True),
+                   evolve_max_tokens=C.integer(g, "generate.evolve.max_tokens", minimum=1, optional=True),
+                   evolve_temperature=C.number(g, "generate.evolve.temperature", minimum=0.0, optional=True),
+                   min_words=C.integer(g, "generate.evolve.min_words", minimum=0, optional=True) or 0,
+                   answer_system=C.get(gen, "answer.system") or None,
+                   answer_max_tokens=C.integer(g, "generate.answer.max_tokens", minimum=1, optional=True),
+                   answer_temperature=C.number(g, "generate.answer.temperature", minimum=0.0, optional=True))
 
 
 def _norm(text: str) -> str:
@@ -125,12 +136,13 @@ def stable_int(*parts) -> int:
 
 @dataclass
 class Chain:
-    """Where one seed's evolution stands: its current instruction (the next step's parent)."""
+    """Where one seed's evolution stands: its current instruction (the next step's parent) and next step."""
 
     seed: Seed
     text: str
     parent_id: str
     last_op: int | None = None
+    step: int = 1
 
 
 def start_text(seed: Seed, merge_input: bool) -> str:
@@ -142,12 +154,23 @@ def record_key(seed_id: str, step: int) -> str:
 
 
 class Generator:
-    """Runs the rollout, answers and judging for all seeds, journaling every result.
+    """Runs the rollout, answers and judging for all seeds, journaling every result as it arrives.
 
-    `expert` and `reviewer()` are LLM clients (the reviewer is asked for only when rule 1 is on)."""
+    `expert` and `reviewer()` are LLM clients (the reviewer is asked for only when rule 1 is on).
+
+    Schedules (`generate.schedule`):
+      stream   each seed's chain advances as soon as its own request returns: its next evolution, its answer
+               and its judgement go out while other chains are still waiting, at most `max_concurrency` in
+               flight per backend, requests on a chain's critical path first;
+      barrier  every step of every chain waits for the slowest request of that step (the reference schedule).
+    Both give the same records: an operator choice depends only on (seed, step, the chain's own state).
+
+    A request that fails after its retries (and past the stage's failure budget) is never journaled: new
+    requests stop, the ones in flight are journaled as they finish, and `run` raises `LLMFailures`."""
 
     def __init__(self, settings: GenerationSettings, rules: Rules, filters: FilterSettings, agent, opset,
-                 seeds: list[Seed], journal: Journal, expert, reviewer: Callable | None = None, base_seed: int = 0):
+                 seeds: list[Seed], journal: Journal, expert, reviewer: Callable | None = None, base_seed: int = 0,
+                 failures: FailureBudget | None = None):
         if list(agent.operators) != opset.names:
             raise TeamsRLError(f"the policy was trained on operators {agent.operators} but "
                                f"operators={opset.name} has {opset.names}; use the same operator set")
@@ -166,93 +189,235 @@ class Generator:
         self.merge_input = settings.merge_input
         self.base_seed = int(base_seed)
         self.seed_by_id = {s.id: s for s in seeds}
+        self.failures = failures
         self._judge = None
+        self._sched: Scheduler | None = None
+        self._pending: set[tuple[str, str]] = set()
+        self._failed: list[Completion] = []
+        self._budget_stop: str | None = None
+        self._bar = None
 
     # -- policy ------------------------------------------------------------------------------------
-    def choose_ops(self, chains: list[Chain], step: int) -> list[int]:
-        """Operator per chain at 1-based `step`: the agent's scores + the rules. Each chain's choice depends
-        only on its own state and (seed id, step), never on the rest of the batch (resumes are exact)."""
-        obs = self.agent.obs_encoder.encode([c.text for c in chains], [c.last_op for c in chains],
-                                            [step - 1] * len(chains))
-        if not chains:
-            return []
+    def choose_op(self, chain: Chain, step: int) -> int:
+        """The operator of `chain` at 1-based `step`: the agent's scores for this chain alone + the rules, so the
+        choice depends only on (seed, step, the chain's state), never on which other chains are in flight."""
+        obs = self.agent.obs_encoder.encode([chain.text], [chain.last_op], [step - 1])
         if self.s.deterministic and self.agent.algorithm != "random":  # a random agent always samples
-            scores = self.agent.action_scores(obs, step - 1, deterministic=True)
+            scores = self.agent.action_scores(obs, step - 1, deterministic=True)[0]
         else:
-            scores = np.stack([
-                self.agent.action_scores(obs[i:i + 1], step - 1, deterministic=False,
-                                         rng=np.random.default_rng(stable_int(self.base_seed, c.seed.id, step)))[0]
-                for i, c in enumerate(chains)
-            ])
-        return [self.rules.choose(scores[i], step) for i in range(len(chains))]
+            rng = np.random.default_rng(stable_int(self.base_seed, chain.seed.id, step))
+            scores = self.agent.action_scores(obs, step - 1, deterministic=False, rng=rng)[0]
+        return self.rules.choose(scores, step)
 
-    # -- LLM calls ---------------------------------------------------------------------------------
-    def evolve(self, chains: list[Chain], step: int) -> None:
-        from teams_rl.evol.evolution import evolve_detailed
+    # -- requests ----------------------------------------------------------------------------------
+    def _evolve_request(self, chain: Chain, step: int) -> tuple[ChatRequest, int]:
+        op = self.choose_op(chain, step)
+        return evolve_request(self.opset, op, chain.text, stable_int(self.base_seed, chain.seed.id, step, "evolve"),
+                              max_tokens=self.s.evolve_max_tokens, temperature=self.s.evolve_temperature), op
 
-        todo = [c for c in chains if ("evolve", record_key(c.seed.id, step)) not in self.journal]
-        if not todo:
-            return
-        ops = self.choose_ops(todo, step)
-        rewrites = evolve_detailed(
-            self.expert, self.opset, [c.text for c in todo], ops,
-            seeds=[stable_int(self.base_seed, c.seed.id, step, "evolve") for c in todo], purpose="evolve",
-            max_tokens=self.s.evolve_max_tokens, temperature=self.s.evolve_temperature, min_words=self.s.min_words)
-        self.journal.append({
-            "kind": "evolve", "key": record_key(c.seed.id, step), "seed_id": c.seed.id, "step": step,
-            "op_index": op, "operator": self.opset.names[op], "parent_id": c.parent_id, "parent": c.text,
-            "instruction": rw.text, "raw": rw.raw, "error": rw.completion.error, "cached": rw.completion.cached,
-        } for c, op, rw in zip(todo, ops, rewrites, strict=True))
+    def _answer_request(self, evolved: dict) -> ChatRequest:
+        return ChatRequest.chat(self.prompt_of(evolved), system=self.s.answer_system,
+                                max_tokens=self.s.answer_max_tokens, temperature=self.s.answer_temperature,
+                                purpose="answer", seed=stable_int(self.base_seed, evolved["seed_id"], evolved["step"],
+                                                                  "answer"))
 
-    def answer(self, keys: list[str]) -> None:
-        todo = [k for k in keys if ("answer", k) not in self.journal]
-        if not todo:
-            return
-        evolved = [self.journal.get("evolve", k) for k in todo]
-        requests = [
-            ChatRequest.chat(self.prompt_of(e), system=self.s.answer_system, max_tokens=self.s.answer_max_tokens,
-                             temperature=self.s.answer_temperature, purpose="answer",
-                             seed=stable_int(self.base_seed, e["seed_id"], e["step"], "answer"))
-            for e in evolved
-        ]
-        completions = self.expert.complete(requests)
-        self.journal.append({
-            "kind": "answer", "key": k, "output": (c.text or "").strip() if c.ok else None, "error": c.error,
-            "cached": c.cached,
-        } for k, c in zip(todo, completions, strict=True))
+    def _judge_request(self, evolved: dict) -> ChatRequest:
+        judge = self._get_judge()
+        return ChatRequest.chat(judge.render(evolved["parent"], evolved["instruction"]), max_tokens=judge.max_tokens,
+                                purpose="judge",
+                                seed=stable_int(self.base_seed, evolved["seed_id"], evolved["step"], "judge"))
 
-    def judge(self, keys: list[str]) -> None:
-        """Elimination rule 1 for answered evolutions: the reviewer is asked whether parent and evolved
-        instruction are equal (the reward module's prompt and parser). An unchanged text is "Equal" unasked."""
-        from teams_rl.evol.rewards import Judge, parse_judgement
+    def _get_judge(self):
+        from teams_rl.evol.rewards import Judge
 
-        todo = [k for k in keys if ("judge", k) not in self.journal]
-        if not todo:
-            return
         if self._judge is None:
             self._judge = Judge(None, prompt=self.filters.judge_prompt, strict=self.filters.judge_strict,
                                 max_tokens=self.filters.judge_max_tokens)
-        evolved = [self.journal.get("evolve", k) for k in todo]
-        ask = [i for i, e in enumerate(evolved) if _norm(e["instruction"]) != _norm(e["parent"])]
-        completions = {}
-        if ask:
+        return self._judge
+
+    def _submit(self, kind: str, key: str, request: ChatRequest, priority: float, extra: dict | None = None) -> None:
+        if (kind, key) in self._pending or self._failed or self._budget_stop:
+            return
+        if kind == "judge":
             if self._reviewer is None:
                 raise TeamsRLError("generate: elimination rule 1 needs a reviewer LLM")
-            requests = [
-                ChatRequest.chat(self._judge.render(evolved[i]["parent"], evolved[i]["instruction"]),
-                                 max_tokens=self._judge.max_tokens, purpose="judge",
-                                 seed=stable_int(self.base_seed, evolved[i]["seed_id"], evolved[i]["step"], "judge"))
-                for i in ask
-            ]
-            completions = dict(zip(ask, self._reviewer().complete(requests), strict=True))
+            client = self._reviewer()
+        else:
+            client = self.expert
+        self._pending.add((kind, key))
+        self._sched.submit(client, request, tag=(kind, key, extra), priority=priority)
+
+    def _priority(self, kind: str, step: int) -> float:
+        """Lower goes first: the more requests still wait behind this one on its chain, the more urgent."""
+        if self.mode == "teams_rl":
+            return -(self.steps - step + 1) if kind == "evolve" else 0.0
+        per_step = 3 if self.filters.no_info_gain else 2
+        left = {"evolve": per_step, "answer": per_step - 1, "judge": 1}[kind]
+        return -(per_step * (self.steps - step) + left)
+
+    # -- results -> journal ------------------------------------------------------------------------
+    def _record(self, kind: str, key: str, completion: Completion, extra: dict | None) -> dict:
+        if kind == "evolve":
+            rewrite = to_rewrite(completion, self.s.min_words)
+            return {"kind": "evolve", "key": key, **extra, "instruction": rewrite.text, "raw": rewrite.raw,
+                    "error": None, "cached": completion.cached, "truncated": completion.truncated}
+        if kind == "answer":
+            return {"kind": "answer", "key": key, "output": completion.text.strip(), "error": None,
+                    "cached": completion.cached, "truncated": completion.truncated}
+        from teams_rl.evol.rewards import parse_judgement
+
+        verdict = parse_judgement(completion.text, self._get_judge().strict)
+        return {"kind": "judge", "key": key, "not_equal": bool(verdict), "queried": True, "reply": completion.text,
+                "error": None, "cached": completion.cached}
+
+    def _unqueried_judge(self, key: str) -> None:
+        """An evolution that did not change the text is "Equal" without asking the reviewer."""
+        self.journal.append([{"kind": "judge", "key": key, "not_equal": False, "queried": False, "reply": None,
+                              "error": None, "cached": False}])
+
+    def _collect(self) -> list[dict]:
+        """Wait for finished requests; journal the successes (one fsync for all of them) and return them."""
         rows = []
-        for i, key in enumerate(todo):
-            c = completions.get(i)
-            verdict = parse_judgement(c.text, self._judge.strict) if c is not None and c.ok else None
-            rows.append({"kind": "judge", "key": key, "not_equal": bool(verdict), "queried": c is not None,
-                         "reply": None if c is None else c.text, "error": None if c is None else c.error,
-                         "cached": bool(c is not None and c.cached)})
+        for (kind, key, extra), completion in self._sched.wait():
+            self._pending.discard((kind, key))
+            if completion.error_kind == "budget":
+                self._budget_stop = completion.error
+            elif not completion.ok:
+                self._failed.append(completion)
+            else:
+                rows.append(self._record(kind, key, completion, extra))
         self.journal.append(rows)
+        if self._bar is not None:
+            self._bar.update(sum(1 for r in rows if r["kind"] == "evolve"))
+        return rows
+
+    # -- chains ------------------------------------------------------------------------------------
+    def _apply(self, chain: Chain, key: str, evolved: dict) -> None:
+        chain.last_op = evolved["op_index"]
+        accepted = self.drop_reason(key) is None if self.mode == "wizardlm" else evolved["instruction"] is not None
+        if accepted:
+            chain.text, chain.parent_id = evolved["instruction"], key
+        chain.step += 1
+
+    def _needs_judge(self, key: str, evolved: dict) -> bool:
+        """Rule 1 on: True when the reviewer must be asked (and asks), False when the verdict is known."""
+        if not self.filters.no_info_gain or self.journal.get("judge", key) is not None:
+            return False
+        if _norm(evolved["instruction"]) == _norm(evolved["parent"]):
+            self._unqueried_judge(key)
+            return False
+        self._submit("judge", key, self._judge_request(evolved), self._priority("judge", evolved["step"]))
+        return True
+
+    def _submit_evolve(self, chain: Chain) -> None:
+        step = chain.step
+        key = record_key(chain.seed.id, step)
+        if ("evolve", key) in self._pending:
+            return
+        request, op = self._evolve_request(chain, step)
+        extra = {"seed_id": chain.seed.id, "step": step, "op_index": op, "operator": self.opset.names[op],
+                 "parent_id": chain.parent_id, "parent": chain.text}
+        self._submit("evolve", key, request, self._priority("evolve", step), extra)
+
+    def _advance(self, chain: Chain, last_phase: int | None = None) -> None:
+        """Send what `chain` needs next, replaying whatever the journal already holds. `last_phase` (barrier
+        schedule) holds back requests of later phases."""
+        if self.mode == "wizardlm":
+            self._advance_wizardlm(chain, last_phase)
+        else:
+            self._advance_teams(chain, last_phase)
+
+    def _advance_teams(self, chain: Chain, last_phase: int | None) -> None:
+        while chain.step <= self.steps:
+            key = record_key(chain.seed.id, chain.step)
+            evolved = self.journal.get("evolve", key)
+            if evolved is None:
+                if last_phase is None or chain.step <= last_phase:
+                    self._submit_evolve(chain)
+                break
+            self._apply(chain, key, evolved)
+        if last_phase is not None and last_phase <= self.steps:
+            return  # barrier: the answers go out after every step of every chain
+        for step in range(1, chain.step):
+            key = record_key(chain.seed.id, step)
+            evolved = self.journal.get("evolve", key)
+            if evolved["instruction"] is None:
+                continue
+            if self.journal.get("answer", key) is None:
+                self._submit("answer", key, self._answer_request(evolved), self._priority("answer", step))
+            elif last_phase is None or last_phase > self.steps + 1:
+                self._needs_judge(key, evolved)
+
+    def _advance_wizardlm(self, chain: Chain, last_phase: int | None) -> None:
+        while chain.step <= self.steps:
+            step, key = chain.step, record_key(chain.seed.id, chain.step)
+            allowed = 3 * step if last_phase is None else last_phase  # phases: 3s-2 evolve, 3s-1 answer, 3s judge
+            evolved = self.journal.get("evolve", key)
+            if evolved is None:
+                if allowed >= 3 * step - 2:
+                    self._submit_evolve(chain)
+                return
+            if evolved["instruction"] is not None:
+                if self.journal.get("answer", key) is None:
+                    if allowed >= 3 * step - 1:
+                        self._submit("answer", key, self._answer_request(evolved), self._priority("answer", step))
+                    return
+                if self.filters.no_info_gain and self.journal.get("judge", key) is None:
+                    if allowed >= 3 * step and self._needs_judge(key, evolved):
+                        return
+                    if self.journal.get("judge", key) is None:
+                        return
+            self._apply(chain, key, evolved)
+
+    # -- driver ------------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> None:
+        """Generate every seed's chain (resuming from the journal); raises on failures or a budget stop."""
+        from tqdm.auto import tqdm
+
+        chains = {s.id: Chain(s, start_text(s, self.merge_input), s.id) for s in self.seeds}
+        self._sched = Scheduler()
+        done = self.journal.count("evolve")
+        self._bar = tqdm(total=len(chains) * self.steps, initial=done, desc=f"generate ({self.mode}, {self.s.schedule})",
+                         unit="evolution", disable=not progress)
+        try:
+            if self.s.schedule == "barrier":
+                self._run_barrier(chains)
+            else:
+                self._run_stream(chains)
+        finally:
+            self._bar.close()
+            self._bar = None
+        self._raise_if_stopped(chains)
+
+    def _run_stream(self, chains: dict[str, Chain]) -> None:
+        for chain in chains.values():
+            self._advance(chain)
+        while self._sched.busy:
+            for row in self._collect():
+                self._advance(chains[row["key"].rsplit("/", 1)[0]])
+
+    def _run_barrier(self, chains: dict[str, Chain]) -> None:
+        phases = self.steps + 2 if self.mode == "teams_rl" else 3 * self.steps  # teams_rl: steps, answers, judges
+        for phase in range(1, phases + 1):
+            for chain in chains.values():
+                self._advance(chain, last_phase=phase)
+            while self._sched.busy:  # the barrier: every request of this phase, before any of the next
+                self._collect()
+            if self._failed or self._budget_stop:
+                return
+
+    def _raise_if_stopped(self, chains: dict[str, Chain]) -> None:
+        if not (self._failed or self._budget_stop):
+            return
+        unfinished = sum(1 for c in chains.values() if c.step <= self.steps)
+        kept = f"{len(self.journal)} results journaled, {unfinished} of {len(chains)} chains unfinished"
+        if self._failed:
+            failures = self.failures or FailureBudget("generate")
+            if not failures.total_failed:  # no budget was attached: book what came back
+                for completion in self._failed:
+                    failures.record("expert", self.expert.where, completion)
+            raise failures.error(kept=kept)
+        raise BudgetExceeded(f"{self._budget_stop} ({kept})")
 
     def prompt_of(self, evolved: dict) -> str:
         seed_input = "" if self.merge_input else self.seed_by_id[evolved["seed_id"]].input
@@ -260,9 +425,9 @@ class Generator:
 
     # -- state -------------------------------------------------------------------------------------
     def drop_reason(self, key: str) -> str | None:
-        """Why the evolution `key` is not a dataset record (None = not so far): a failed evolution or answer,
-        rule 1 when enabled, and in wizardlm mode the round's other elimination rules (2-4). The remaining
-        filters (Alpaca, duplicates) run afterwards in `apply_filters`."""
+        """Why the evolution `key` is not a dataset record (None = not so far): an unusable rewrite, rule 1
+        when enabled, and in wizardlm mode the round's other elimination rules (2-4). The remaining filters
+        (Alpaca, duplicates) run afterwards in `apply_filters`."""
         evolved = self.journal.get("evolve", key)
         if evolved["instruction"] is None:
             return EVOLUTION_FAILED
@@ -277,46 +442,6 @@ class Generator:
             return (self.text_rules.answer_reason(answer["output"])
                     or self.text_rules.copied_prompt_reason(evolved["instruction"]))
         return None
-
-    def advance(self, chain: Chain, step: int) -> None:
-        key = record_key(chain.seed.id, step)
-        evolved = self.journal.get("evolve", key)
-        chain.last_op = evolved["op_index"]
-        if self.mode == "wizardlm":
-            accepted = self.drop_reason(key) is None
-        else:
-            accepted = evolved["instruction"] is not None
-        if accepted:
-            chain.text, chain.parent_id = evolved["instruction"], key
-
-    # -- driver ------------------------------------------------------------------------------------
-    def run(self, progress: bool = True) -> None:
-        from tqdm.auto import tqdm
-
-        chunk = self.s.chunk_size
-        judge = self.filters.no_info_gain
-        n_chunks = (len(self.seeds) + chunk - 1) // chunk
-        bar = tqdm(total=n_chunks * self.steps, desc=f"generate ({self.mode})", unit="step", disable=not progress)
-        for start in range(0, len(self.seeds), chunk):
-            chains = [Chain(s, start_text(s, self.merge_input), s.id) for s in self.seeds[start:start + chunk]]
-            for step in range(1, self.steps + 1):
-                self.evolve(chains, step)
-                keys = [record_key(c.seed.id, step) for c in chains]
-                if self.mode == "wizardlm":
-                    ok = [k for k in keys if self.journal.get("evolve", k)["instruction"] is not None]
-                    self.answer(ok)
-                    if judge:
-                        self.judge([k for k in ok if self.journal.get("answer", k)["output"] is not None])
-                for c in chains:
-                    self.advance(c, step)
-                bar.update(1)
-            if self.mode == "teams_rl":
-                keys = [record_key(c.seed.id, s) for c in chains for s in range(1, self.steps + 1)]
-                ok = [k for k in keys if self.journal.get("evolve", k)["instruction"] is not None]
-                self.answer(ok)
-                if judge:
-                    self.judge([k for k in ok if self.journal.get("answer", k)["output"] is not None])
-        bar.close()
 
     # -- results -----------------------------------------------------------------------------------
     def records(self) -> list[dict]:

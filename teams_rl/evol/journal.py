@@ -69,6 +69,9 @@ class Journal:
         """Records of one kind in the order they were first written."""
         return [r for (k, _), r in self._records.items() if k == kind]
 
+    def __len__(self) -> int:
+        return len(self._records)
+
     def count(self, kind: str) -> int:
         return sum(1 for k, _ in self._records if k == kind)
 

@@ -319,12 +319,20 @@ class RewardFunction:
         return RewardResult(total=total, terms=values, reviewer_queries=reviewer_queries, stats=stats)
 
 
+def _weight(name: str, spec) -> float:
+    """`reward.terms.<name>.weight` (default 1) as a number."""
+    if not isinstance(spec, Mapping):
+        raise TeamsRLError(f"reward.terms.{name} must be a mapping of settings, got {spec!r}")
+    return C.number({"reward": {"terms": {name: dict(spec)}}}, f"reward.terms.{name}.weight", optional=True) \
+        if spec.get("weight") is not None else 1.0
+
+
 def reward_uses_reviewer(cfg_reward) -> bool:
     """Whether the configured reward queries the reviewer role (decides if the reviewer config matters)."""
     terms = dict(C.plain(cfg_reward) or {}).get("terms") or {}
     for name, spec in terms.items():
         spec = spec or {}
-        if float(spec.get("weight", 1.0)) == 0.0:
+        if _weight(name, spec) == 0.0:
             continue
         if name == "reviewer_judge" or (name == "elimination" and spec.get("info_gain", "judge") == "judge"):
             return True
@@ -355,7 +363,8 @@ def build_reward(cfg_reward, reviewer=None, embed: Callable[[Sequence[str]], np.
     terms: list[tuple[float, object]] = []
     for name, spec in terms_cfg.items():
         spec = dict(spec or {})
-        weight = float(spec.pop("weight", 1.0))
+        weight = _weight(name, spec)
+        spec.pop("weight", None)
         if weight == 0.0:
             continue
         if name == "reviewer_judge":
@@ -368,4 +377,4 @@ def build_reward(cfg_reward, reviewer=None, embed: Callable[[Sequence[str]], np.
             term = EliminationTerm(judge=get_judge() if info_gain == "judge" else None, info_gain=info_gain,
                                    similarity_threshold=spec.get("similarity_threshold", 0.95), embed=embed)
         terms.append((weight, term))
-    return RewardFunction(terms, query_cost=float(node.get("query_cost") or 0.0))
+    return RewardFunction(terms, query_cost=C.number({"reward": node}, "reward.query_cost", minimum=0.0, optional=True) or 0.0)

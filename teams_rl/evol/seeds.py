@@ -62,11 +62,15 @@ def seeds_from_records(records: Iterable[tuple[str, dict]], fields: Mapping[str,
     return seeds
 
 
+def _int(cfg: Any, key: str) -> int | None:
+    """`seeds.<key>` as an optional non-negative int (errors name the full key)."""
+    return C.integer({"seeds": cfg}, f"seeds.{key}", minimum=0, optional=True)
+
+
 def _range(cfg: Any) -> tuple[int, int | None]:
-    start = int(C.get(cfg, "start", 0))
-    stop = C.get(cfg, "stop", None)
-    stop = None if stop is None else int(stop)
-    if start < 0 or (stop is not None and stop < start):
+    start = _int(cfg, "start") or 0
+    stop = _int(cfg, "stop")
+    if stop is not None and stop < start:
         raise TeamsRLError(f"seeds: invalid index range start={start} stop={stop}")
     return start, stop
 
@@ -139,12 +143,45 @@ def load_seeds(seeds_cfg: Any) -> list[Seed]:
     kind = str(C.get(seeds_cfg, "kind", "tiny"))
     if kind not in LOADERS:
         raise TeamsRLError(f"seeds.kind '{kind}' is unknown (choose one of: {', '.join(LOADERS)})")
+    limit = _int(seeds_cfg, "limit")
     seeds = LOADERS[kind](seeds_cfg)
-    limit = C.get(seeds_cfg, "limit", None)
     if limit is not None:
-        if int(limit) < 0:
-            raise TeamsRLError(f"seeds.limit must be >= 0, got {limit}")
-        seeds = seeds[: int(limit)]
+        seeds = seeds[:limit]
     if not seeds:
         raise TeamsRLError(f"seeds: no seed instructions selected (kind={kind})")
     return seeds
+
+
+ALPACA_SIZE = 52_002
+
+
+def check_seeds(seeds_cfg: Any) -> None:
+    """The seed settings a run would reject, without reading a hub dataset: kind, index range and limit
+    types, and that a given file exists (read: its records are checked too)."""
+    kind = str(C.get(seeds_cfg, "kind", "tiny"))
+    if kind not in LOADERS:
+        raise TeamsRLError(f"seeds.kind '{kind}' is unknown (choose one of: {', '.join(LOADERS)})")
+    _range(seeds_cfg)
+    _int(seeds_cfg, "limit")
+    if kind == "local_json":
+        _fields(seeds_cfg)
+    if kind == "tiny" or C.get(seeds_cfg, "path") or kind == "local_json":
+        load_seeds(seeds_cfg)
+
+
+def seed_sample(seeds_cfg: Any, n: int = 16) -> tuple[int, list[Seed], str]:
+    """(how many seeds the config selects, up to `n` of them, a note) for estimates. When the Alpaca hub set
+    cannot be read (offline), the count comes from the index range over its 52,002 records and the sample
+    from the shipped tiny seeds, and the note says so."""
+    try:
+        seeds = load_seeds(seeds_cfg)
+        return len(seeds), seeds[:n], ""
+    except TeamsRLError:
+        if str(C.get(seeds_cfg, "kind", "tiny")) != "alpaca" or C.get(seeds_cfg, "path"):
+            raise
+        start, stop = _range(seeds_cfg)
+        count = (ALPACA_SIZE if stop is None else min(stop, ALPACA_SIZE)) - start
+        limit = _int(seeds_cfg, "limit")
+        count = min(count, limit) if limit is not None else count
+        note = f"Alpaca not readable offline: {count:,} seeds by index range, prompt lengths from the tiny seeds"
+        return count, load_seeds({"kind": "tiny"})[:n], note

@@ -25,6 +25,7 @@ class LLMPool:
         self.cache = RequestCache(cache_path) if cache_path else None
         self._backends: dict[str, Backend] = {}
         self._clients: dict[str, LLMClient] = {}
+        self._failures = None
 
     def client(self, role: str) -> LLMClient:
         if role in self._clients:
@@ -58,11 +59,20 @@ class LLMPool:
             ),
             budget=Budget(role=role, max_queries=budget.get("max_queries"), max_usd=budget.get("max_usd")),
         )
+        client.failures = self._failures
         self._clients[role] = client
         return client
 
+    def attach_failures(self, failures) -> None:
+        """Every client (now and later) books its failed requests on `failures` (None: detach)."""
+        self._failures = failures
+        for client in self._clients.values():
+            client.failures = failures
+
     def accounting(self) -> dict[str, dict]:
-        return {role: c.account.summary() for role, c in self._clients.items()}
+        """Per-role accounting of the roles that sent or looked up anything (clients built only to check the
+        config before the run are left out)."""
+        return {role: c.account.summary() for role, c in self._clients.items() if c.account.by_purpose}
 
     def close(self) -> None:
         for backend in self._backends.values():

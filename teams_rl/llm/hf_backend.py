@@ -120,7 +120,7 @@ class HFBackend:
 
     def __init__(self, model: str, cache_dir: str | None = None, dtype: str = "float32", device: str = "auto",
                  batch_size: int = 8, max_input_tokens: int | None = None, generate_kwargs: dict | None = None,
-                 show_progress: bool = True, **_):
+                 show_progress: bool = True, empty_retries: int = 2, **_):
         if int(batch_size) < 1:
             raise TeamsRLError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = str(model)
@@ -131,12 +131,16 @@ class HFBackend:
         self.max_input_tokens = max_input_tokens
         self.generate_kwargs = dict(generate_kwargs or {})
         self.show_progress = show_progress
+        self.empty_retries = int(empty_retries)
         self.model = None
         self.tokenizer = None
         self._stop_ids: set[int] = set()
         suffix = ",".join(f"{k}={v}" for k, v in sorted(self.generate_kwargs.items()))
         self.model_id = f"hf/{self.model_name}" + (f"?{suffix}" if suffix else "")
         self._check_source()
+
+    def describe(self) -> str:
+        return f"{self.model_id} (local transformers, {self.device})"
 
     # -- loading -------------------------------------------------------------------------------------
     def _gguf_path(self) -> Path | None:
@@ -264,12 +268,12 @@ class HFBackend:
             try:
                 row = self._row(i, request)
             except Exception as err:  # e.g. a chat template rejecting the message roles
-                results[i] = Completion(text="", error=f"{type(err).__name__}: {err}")
+                results[i] = Completion.failed("error", f"{type(err).__name__}: {err}")
                 continue
             if len(row.ids) > self.input_limit:
-                results[i] = Completion(text="", prompt_tokens=len(row.ids),
-                                        error=f"prompt has {len(row.ids)} tokens, more than the "
-                                              f"{self.input_limit} allowed (max_input_tokens)")
+                results[i] = Completion.failed("prompt_too_long", f"prompt has {len(row.ids)} tokens, more than "
+                                               f"the {self.input_limit} allowed (max_input_tokens)",
+                                               prompt_tokens=len(row.ids))
                 continue
             rows.append(row)
         rows.sort(key=lambda r: (r.max_new, len(r.ids)))
@@ -284,7 +288,28 @@ class HFBackend:
                     results[row.index] = completion
                 start += len(chunk)
                 bar.update(len(chunk))
+        self._retry_empty(rows, results)
         return results  # type: ignore[return-value]
+
+    def _retry_empty(self, rows: list[_Row], results: list[Completion | None]) -> None:
+        """An empty answer is a fault, not a result: sample again (a new seed derived from the request's, so the
+        retry is as reproducible as the first try) up to `empty_retries` times, then fail as kind `empty`.
+        A greedy request gives the same empty text every time, so it fails at once."""
+        for attempt in range(1, self.empty_retries + 1):
+            retry = [r for r in rows if r.temperature > 0 and results[r.index].ok and not results[r.index].text.strip()]
+            if not retry:
+                break
+            again = [_Row(r.index, r.ids, r.max_new, r.temperature, r.top_p, (r.seed * 1_000_003 + attempt) % 2**62)
+                     for r in retry]
+            for row, completion in zip(again, self._generate_with_retry(again), strict=True):
+                results[row.index] = completion
+        for r in rows:
+            answer = results[r.index]
+            if answer.ok and not answer.text.strip():
+                results[r.index] = Completion.failed(
+                    "empty", f"the model answered nothing ({answer.completion_tokens} token(s), {answer.finish_reason})",
+                    prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+                    latency_s=answer.latency_s)
 
     def _generate_with_retry(self, rows: list[_Row]) -> list[Completion]:
         try:
@@ -296,8 +321,8 @@ class HFBackend:
             if len(rows) == 1:
                 log.warning("%s: generation failed: %s", self.model_id, err)
                 first_line = (str(err).splitlines() or [""])[0]
-                return [Completion(text="", prompt_tokens=len(rows[0].ids),
-                                   error=f"{type(err).__name__}: {first_line}")]
+                return [Completion.failed("generation", f"{type(err).__name__}: {first_line}",
+                                          prompt_tokens=len(rows[0].ids))]
             half = (len(rows) + 1) // 2
             if oom and self.batch_size > half:
                 log.warning("%s: out of memory at batch %d; using batch_size %d", self.model_id, len(rows), half)

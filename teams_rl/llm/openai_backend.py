@@ -6,8 +6,15 @@ time and at most `max_requests_per_s` new ones a second (set it below your API t
 default, 2000, only spreads bursts). Every request gets `timeout_s` per attempt and up to `max_retries` retries on rate limits (429),
 server errors (5xx, 408, 409), connection errors, timeouts and malformed responses, waiting as the
 server's `Retry-After` says or else an exponential backoff with full jitter. The openai client's own
-retries are off, so every retry happens (and is counted in `stats`) here. A request that still fails
-comes back as `Completion(error=...)` in its place; nothing raises and nothing is dropped.
+retries are off, so every retry happens (and is counted in `stats`) here. A reply with empty or
+whitespace-only content is a server fault (kind `empty`), retried up to `empty_retries` times.
+
+Outages are waited out: while the backend has had no success since a request's first failure, connection
+errors, timeouts and 5xx keep being retried (beyond `max_retries`) until the backend has been failing
+continuously for `max_outage_s` (logged with a countdown); then the outage is declared and every such failure
+gives up at once. A request that fails while others succeed (a request the server keeps rejecting) gives up
+after `max_retries`. A request that still fails comes back as `Completion(error=..., error_kind=...)` in its
+place; nothing raises and nothing is dropped (the client layer decides what a failure costs the stage).
 
 Requests go through the SDK's generic `post` on the `/chat/completions` route with the SDK's aiohttp
 transport, and the JSON answer is parsed here: the SDK's typed `chat.completions.create` over its default
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 LOCAL_SERVER_KEY = "EMPTY"  # what vLLM / llama.cpp servers accept when they were started without a key
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+OUTAGE_REASONS = ("connection", "timeout")  # plus every http_5xx: the server (or its gateway) is down
 MAX_ERROR_CHARS = 500
 TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
 
@@ -60,6 +68,9 @@ class _Secret:
 
     def scrub(self, text: str) -> str:
         return text.replace(self._value, "***") if len(self._value) >= 4 and self._value != LOCAL_SERVER_KEY else text
+
+    def describe(self) -> str:
+        return f"{self.model} at {self.base_url}"
 
     def __repr__(self) -> str:
         return "'***'"
@@ -159,7 +170,8 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_concurrency: int = 16, timeout_s: float = 120, max_retries: int = 8,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 60.0, max_retry_after_s: float = 300.0,
-                 max_requests_per_s: float | None = 2000.0, progress: bool = True, **_ignored):
+                 max_requests_per_s: float | None = 2000.0, progress: bool = True, max_outage_s: float = 300.0,
+                 empty_retries: int = 3, **_ignored):
         if int(max_concurrency) < 1:
             raise TeamsRLError(f"max_concurrency must be >= 1 for model {model} (got {max_concurrency})")
         self.model = str(model)
@@ -175,6 +187,11 @@ class OpenAIBackend:
         self.max_retry_after_s = float(max_retry_after_s)
         self.max_requests_per_s = float(max_requests_per_s) if max_requests_per_s else None
         self.progress = bool(progress)
+        self.max_outage_s = float(max_outage_s)
+        self.empty_retries = int(empty_retries)
+        self._last_success = time.monotonic()   # the start of the current run of failures is after this
+        self._failing_since: float | None = None  # first failure since the last success (None: healthy)
+        self._last_countdown_log = 0.0
         self.stats = RequestStats()
         key = os.environ.get(api_key_env) if api_key_env else None
         if not key:
@@ -198,7 +215,11 @@ class OpenAIBackend:
                 "max_concurrency": self.max_concurrency, "timeout_s": self.timeout_s,
                 "max_retries": self.max_retries, "backoff_base_s": self.backoff_base_s,
                 "backoff_max_s": self.backoff_max_s, "max_retry_after_s": self.max_retry_after_s,
-                "max_requests_per_s": self.max_requests_per_s, "progress": self.progress}
+                "max_requests_per_s": self.max_requests_per_s, "progress": self.progress,
+                "max_outage_s": self.max_outage_s, "empty_retries": self.empty_retries}
+
+    def describe(self) -> str:
+        return f"{self.model} at {self.base_url}"
 
     def __repr__(self) -> str:
         return (f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r}, "
@@ -244,6 +265,12 @@ class OpenAIBackend:
             self._runner = self._client = self._semaphore = self._finalizer = None
 
     # ---- requests ----------------------------------------------------------------------------------
+    def submit(self, request: ChatRequest):
+        """Send one request now; a `concurrent.futures.Future` of its Completion (the streaming interface)."""
+        runner = self._ensure_started()
+        self.stats.requests += 1
+        return asyncio.run_coroutine_threadsafe(self._complete_one(request), runner.loop)
+
     def complete(self, requests: list[ChatRequest]) -> list[Completion]:
         requests = list(requests)
         if not requests:
@@ -276,7 +303,9 @@ class OpenAIBackend:
     async def _complete_one(self, request: ChatRequest) -> Completion:
         params = self._params(request)
         started = None
-        for attempt in range(self.max_retries + 1):
+        attempt = empties = 0
+        first_failure = None
+        while True:
             async with self._semaphore:  # a slot is held while a request is on the wire, not while it backs off
                 await self._wait_for_turn()
                 started = started or time.perf_counter()
@@ -286,25 +315,61 @@ class OpenAIBackend:
                         self._client.post("/chat/completions", body=params, cast_to=self._response_type),
                         self.timeout_s,
                     )
-                    return self._to_completion(response.content, request, time.perf_counter() - started)
+                    completion = self._to_completion(response.content, request, time.perf_counter() - started)
+                    if completion.text.strip():
+                        self._healthy()
+                        return completion
+                    reason, retryable, wait_s = "empty", True, None
+                    message = f"empty: the server answered 200 with no content ({completion.finish_reason})"
+                    empties += 1
                 except Exception as err:  # every failure becomes a retry or an error completion
                     reason, retryable, wait_s = self._classify(err)
                     message = self._describe(reason, err)
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
-            if not retryable or attempt == self.max_retries:
+            now = time.monotonic()
+            outage = _is_outage(reason)
+            if outage:
+                first_failure = first_failure or now
+                self._failing_since = self._failing_since or now
+            if not retryable or self._give_up(reason, attempt, empties, first_failure, now):
                 self.stats.failures += 1
                 log.warning("%s: request failed after %d attempt(s): %s", self.model, attempt + 1, message)
-                return Completion(text="", error=f"failed after {attempt + 1} attempt(s): {message}",
-                                  latency_s=time.perf_counter() - started)
+                return Completion.failed(_kind(reason), f"failed after {attempt + 1} attempt(s): {message}",
+                                         latency_s=time.perf_counter() - started)
             if wait_s is None:  # exponential backoff with full jitter
-                wait_s = random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt))
+                wait_s = random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** min(attempt, 30)))
             elif reason == "rate_limit":  # the limit is the account's: every request of this backend waits
                 self._paused_until = max(self._paused_until, time.monotonic() + wait_s)
             self.stats.retries += 1
             self.stats.retry_wait_s += wait_s
-            log.info("%s: retry %d/%d in %.2f s after %s", self.model, attempt + 1, self.max_retries, wait_s, message)
+            self._log_retry(attempt, wait_s, message, outage, now)
+            attempt += 1
             await asyncio.sleep(wait_s)
-        raise AssertionError("unreachable")  # the last attempt always returns
+
+    def _healthy(self) -> None:
+        self._last_success = time.monotonic()
+        self._failing_since = None
+
+    def _give_up(self, reason: str, attempt: int, empties: int, first_failure: float | None, now: float) -> bool:
+        """After a retryable failure: stop retrying this request?"""
+        if reason == "empty":
+            return empties > self.empty_retries
+        if not _is_outage(reason):
+            return attempt >= self.max_retries
+        if self._failing_since is not None and now - self._failing_since >= self.max_outage_s:
+            return True  # the outage has lasted max_outage_s: fail closed, at once
+        # retries left, or no success since this request first failed (an outage that may still end)
+        return attempt >= self.max_retries and self._last_success > (first_failure or now)
+
+    def _log_retry(self, attempt: int, wait_s: float, message: str, outage: bool, now: float) -> None:
+        if outage and self._failing_since is not None and now - self._failing_since > 1.0:
+            if now - self._last_countdown_log >= 10.0:  # one line every 10 s while the server is down
+                self._last_countdown_log = now
+                left = self.max_outage_s - (now - self._failing_since)
+                log.warning("%s: failing for %.0f s (%s); retrying, %.0f s left before giving up (max_outage_s=%g)",
+                            self.describe(), now - self._failing_since, message, max(0.0, left), self.max_outage_s)
+            return
+        log.info("%s: retry %d in %.2f s after %s", self.model, attempt + 1, wait_s, message)
 
     async def _wait_for_turn(self) -> None:
         """Start no request before a 429's Retry-After has passed, and at most `max_requests_per_s` a second.
@@ -371,6 +436,19 @@ class OpenAIBackend:
             completion_tokens = _estimate_tokens(text)
         return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                           latency_s=latency_s, finish_reason=choice.get("finish_reason"))
+
+
+def _is_outage(reason: str) -> bool:
+    return reason in OUTAGE_REASONS or (reason.startswith("http_5"))
+
+
+def _kind(reason: str) -> str:
+    """The Completion.error_kind of a failure reason."""
+    if reason.startswith("http_5"):
+        return "http_5xx"
+    if reason.startswith("http_"):
+        return "http_4xx"
+    return reason if reason in ("connection", "timeout", "rate_limit", "empty", "malformed") else "error"
 
 
 def _shutdown(runner: _LoopThread, client) -> None:

@@ -53,9 +53,17 @@ class ChatRequest:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+# Why a request failed after its retries (`Completion.error_kind`): the backends map what they saw to these.
+FAILURE_KINDS = ("connection", "timeout", "http_5xx", "rate_limit", "empty", "malformed", "http_4xx", "prompt_too_long",
+                 "generation", "budget", "error")
+
+
 @dataclass
 class Completion:
-    """A backend's answer. `error` is set (and `text` empty) when the request failed after all retries."""
+    """A backend's answer. `error` is set (and `text` empty) when the request failed after all retries; a failed
+    completion is never a result: the client does not cache it and the stages do not journal it.
+    `error_kind` is one of FAILURE_KINDS. `finish_reason == "length"` marks a reply cut off at max_tokens: it
+    is kept, and counted as `truncated`."""
 
     text: str
     prompt_tokens: int = 0
@@ -64,7 +72,16 @@ class Completion:
     cached: bool = False
     error: str | None = None
     finish_reason: str | None = None
+    error_kind: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def truncated(self) -> bool:
+        return self.ok and self.finish_reason == "length"
+
+    @classmethod
+    def failed(cls, kind: str, message: str, **fields) -> Completion:
+        return cls(text="", error=message, error_kind=kind, **fields)

@@ -41,6 +41,9 @@ class Stage:
                     without it. Keys that are run-only everywhere (budgets, concurrency, ...) are listed once
                     in `teams_rl.artifacts.RUN_ONLY_NAMES`.
     resumable       keep an unfinished folder so the stage continues from it (else it is emptied)
+    always_run      never reuse a finished artifact (a check of the world, e.g. whether the LLM servers answer)
+    roles           the LLM roles the stage calls (a list or a function of the config); their clients are built
+                    (key variables, model paths checked) before any stage runs, and a dry run prices them
     validate(cfg)   raise TeamsRLError for any setting this stage would reject; called for every planned
                     stage before the first one runs
     fingerprint_extra(cfg)  more values the output depends on (e.g. the content hash of a user-given file)
@@ -55,6 +58,8 @@ class Stage:
     inputs: KeysOrFn = ()
     run_only_keys: Sequence[str] = ()
     resumable: bool = False
+    always_run: bool = False
+    roles: KeysOrFn = ()
     validate: Callable[[DictConfig], None] | None = None
     fingerprint_extra: Callable[[DictConfig], dict] | None = None
     on_cached: Callable[..., None] | None = None
@@ -62,6 +67,9 @@ class Stage:
 
     def inputs_for(self, cfg: DictConfig) -> list[str]:
         return [str(x) for x in (self.inputs(cfg) if callable(self.inputs) else self.inputs)]
+
+    def roles_for(self, cfg: DictConfig) -> list[str]:
+        return [str(x) for x in (self.roles(cfg) if callable(self.roles) else self.roles)]
 
     def config_keys_for(self, cfg: DictConfig) -> list[str]:
         return [str(x) for x in (self.config_keys(cfg) if callable(self.config_keys) else self.config_keys)]
@@ -110,7 +118,7 @@ def check_declaration(name: str, module: ModuleType) -> Stage:
             problems.append(f"{attr} must be callable")
     if not callable(stage.run):
         problems.append("run is required")
-    for attr in ("config_keys", "inputs"):
+    for attr in ("config_keys", "inputs", "roles"):
         value = getattr(stage, attr)
         if isinstance(value, str) or not (callable(value) or all(isinstance(k, str) for k in value)):
             problems.append(f"{attr} must be a list of strings or a function of the config")

@@ -15,6 +15,7 @@ import math
 
 from omegaconf import DictConfig
 
+from teams_rl.errors import TeamsRLError
 from teams_rl.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,21 @@ def _inputs(cfg: DictConfig) -> list[str]:
     if cfg.evaluate.get("base_model"):
         deps.append("evaluate_base")
     return deps
+
+
+def _validate(cfg: DictConfig) -> None:
+    from teams_rl import config as C
+    from teams_rl.eval.harness import requested_benchmarks
+
+    _inputs(cfg)
+    C.integer(cfg, "evaluate.num_fewshot", minimum=0, optional=True)
+    C.number(cfg, "evaluate.limit", minimum=0.0, optional=True)
+    C.integer(cfg, "evaluate.batch_size", minimum=1)
+    C.integer(cfg, "evaluate.bootstrap_iters", minimum=0, optional=True)
+    C.choice(cfg, "evaluate.dtype", ("float32", "bfloat16", "float16", "auto"), default="float32")
+    C.choice(cfg, "evaluate.device", ("auto", "cpu", "cuda"), default="auto")
+    if not requested_benchmarks(cfg.evaluate):
+        raise TeamsRLError("evaluate.tasks is empty: there is nothing to evaluate")
 
 
 def _model_path(cfg: DictConfig, ctx) -> str:
@@ -113,4 +129,4 @@ def run(cfg: DictConfig, ctx) -> dict:
     return metrics
 
 
-STAGE = Stage(name="evaluate", version=1, run=run, config_keys=["evaluate"], inputs=_inputs)
+STAGE = Stage(name="evaluate", version=1, run=run, config_keys=["evaluate"], inputs=_inputs, validate=_validate)

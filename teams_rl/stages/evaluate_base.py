@@ -32,4 +32,14 @@ def run(cfg: DictConfig, ctx) -> dict:
 
 
 # `evaluate.model` names the fine-tuned checkpoint the `evaluate` stage scores, not the base model.
-STAGE = Stage(name="evaluate_base", version=1, run=run, config_keys=["evaluate"], run_only_keys=["evaluate.model"])
+def _validate(cfg: DictConfig) -> None:
+    from teams_rl.models import check_model
+    from teams_rl.stages.evaluate import STAGE as EVALUATE
+
+    EVALUATE.validate(cfg)  # the same evaluation settings
+    if cfg.evaluate.get("base_model"):
+        check_model(str(cfg.evaluate.base_model), cfg.paths.get("cache"), "evaluate.base_model")
+
+
+STAGE = Stage(name="evaluate_base", version=1, run=run, config_keys=["evaluate"], run_only_keys=["evaluate.model"],
+              validate=_validate)

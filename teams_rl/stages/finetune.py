@@ -72,26 +72,47 @@ def prepare_data(out: Path, source: Path, split: str, model_path: str, max_lengt
     return data_stats
 
 
-def run(cfg: DictConfig, ctx) -> dict:
+def _checked(cfg: DictConfig):
+    """Everything a user can get wrong, with one line, before any work: (launch settings, world size, batching,
+    the DeepSpeed config for this device, the target's settings)."""
     import torch
 
-    from teams_rl.models import resolve_model
+    from teams_rl.models import check_model
     from teams_rl.sft import deepspeed_config as dsc
     from teams_rl.sft.data import BATCHING
-    from teams_rl.sft.launch import LaunchSettings, run_launched
-    from teams_rl.sft.train import accumulation_steps, train
+    from teams_rl.sft.launch import LaunchSettings
+    from teams_rl.sft.train import PRECISIONS, accumulation_steps
 
-    # Everything a user can get wrong fails here, with one line, before any work.
     settings = LaunchSettings.from_config(cfg.finetune)
     world = settings.world_size()
     batching = str(cfg.finetune.batching)
     if batching not in BATCHING:
         raise TeamsRLError(f"finetune.batching={batching!r} is not one of {', '.join(BATCHING)}")
+    for key in ("max_length", "epochs", "global_batch_size", "micro_batch_size"):
+        C.integer(cfg, f"target.{key}", minimum=1)
+    C.integer(cfg, "target.warmup_steps", minimum=0, optional=True)
+    C.number(cfg, "target.learning_rate", minimum=0.0)
+    C.choice(cfg, "target.precision", PRECISIONS, default="fp32")
+    C.integer(cfg, "finetune.max_steps", minimum=1, optional=True)
+    C.integer(cfg, "finetune.seed")
     on_cpu = not torch.cuda.is_available()
     ds = dsc.for_device(dsc.render(cfg.get("deepspeed")), on_cpu)
     dsc.check_toolchain(ds, on_cpu)
     target = C.plain(cfg.target)
     accumulation_steps(int(target["global_batch_size"]), int(target["micro_batch_size"]), world)
+    check_model(str(target["model"]), cfg.paths.get("cache"), "target.model")
+    if cfg.finetune.get("dataset") and not Path(str(cfg.finetune.dataset)).expanduser().exists():
+        raise TeamsRLError(f"finetune.dataset {cfg.finetune.dataset} does not exist")
+    return settings, world, batching, ds, target, on_cpu
+
+
+def run(cfg: DictConfig, ctx) -> dict:
+    from teams_rl.models import resolve_model
+    from teams_rl.sft import deepspeed_config as dsc
+    from teams_rl.sft.launch import run_launched
+    from teams_rl.sft.train import train
+
+    settings, world, batching, ds, target, on_cpu = _checked(cfg)
     model_path = resolve_model(str(target["model"]), cfg.paths.get("cache"))
 
     out = Path(ctx.out_dir)
@@ -156,4 +177,4 @@ def collect(out: Path, extra: dict) -> dict:
 
 
 STAGE = Stage(name="finetune", version=1, run=run, config_keys=["target", "deepspeed", "finetune"], inputs=_inputs,
-              run_only_keys=RUN_ONLY_KEYS, resumable=True, fingerprint_extra=_fingerprint_extra)
+              run_only_keys=RUN_ONLY_KEYS, resumable=True, fingerprint_extra=_fingerprint_extra, validate=_checked)

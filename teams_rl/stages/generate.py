@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from teams_rl.errors import TeamsRLError
+from teams_rl import config as C
 from teams_rl.evol.filters import FilterSettings, apply_filters
 from teams_rl.evol.generation import (
     COLUMNS,
@@ -32,6 +32,8 @@ from teams_rl.stages import Stage
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.jsonl"
+# How the requests are scheduled and how many failures are tolerated change how the stage runs, not what it makes.
+RUN_ONLY_KEYS = ("generate.schedule", "generate.max_failed_fraction")
 
 
 def _config_keys(cfg: DictConfig) -> list[str]:
@@ -41,23 +43,58 @@ def _config_keys(cfg: DictConfig) -> list[str]:
     return keys
 
 
+def _roles(cfg: DictConfig) -> list[str]:
+    return ["expert"] + (["reviewer"] if FilterSettings.from_cfg(cfg.get("filters")).no_info_gain else [])
+
+
+def _estimate(cfg: DictConfig) -> list:
+    """What a full run sends (dry_run): an evolution per seed and step, an answer per evolution (at most),
+    a judgement per evolution with rule 1. Prompts grow by ~27 tokens (20 words) per in-depth step."""
+    from teams_rl.evol.evolution import evolve_request
+    from teams_rl.evol.operators import load_operator_set
+    from teams_rl.evol.seeds import seed_sample
+    from teams_rl.llm.plans import RequestPlan
+    from teams_rl.llm.types import ChatRequest
+
+    s = GenerationSettings.from_config(cfg.generate)
+    opset, filters = load_operator_set(cfg.get("operators")), FilterSettings.from_cfg(cfg.get("filters"))
+    count, sample, note = seed_sample(cfg.get("seeds"))
+    n, growth = count * s.steps, 27 * (s.steps - 1) / 2
+    texts = [start_text(seed, s.merge_input) for seed in sample]
+    plans = [
+        RequestPlan("expert", "evolve", n, [evolve_request(opset, i % len(opset), t, max_tokens=s.evolve_max_tokens,
+                                                           temperature=s.evolve_temperature)
+                                            for i, t in enumerate(texts)], growth, note),
+        RequestPlan("expert", "answer", n, [ChatRequest.chat(t, system=s.answer_system, max_tokens=s.answer_max_tokens,
+                                                             purpose="answer") for t in texts], growth,
+                    "at most: one per usable evolution"),
+    ]
+    if filters.no_info_gain:
+        from teams_rl.evol.rewards import Judge
+
+        judge = Judge(None, prompt=filters.judge_prompt, max_tokens=filters.judge_max_tokens)
+        plans.append(RequestPlan("reviewer", "judge", n, [ChatRequest.chat(judge.render(t, t + " in detail"),
+                                                                           max_tokens=judge.max_tokens, purpose="judge")
+                                                          for t in texts], 2 * growth, "at most: one per answer"))
+    return plans
+
+
 def holdout_fraction(cfg: DictConfig) -> float:
-    value = OmegaConf.select(cfg, "privacy.holdout_fraction", default=None)
-    if value is None:
-        value = cfg.generate.get("holdout_fraction", 0.0)
-    value = float(value or 0.0)
-    if not 0.0 <= value < 1.0:
-        raise TeamsRLError(f"holdout_fraction must be in [0, 1), got {value}")
-    return value
+    """`privacy.holdout_fraction`, else `generate.holdout_fraction`: a fraction in [0, 1)."""
+    if OmegaConf.select(cfg, "privacy.holdout_fraction", default=None) is not None:
+        return C.fraction(cfg, "privacy.holdout_fraction")
+    return C.fraction(cfg, "generate.holdout_fraction", optional=True) or 0.0
 
 
 def _validate(cfg: DictConfig) -> None:
     from teams_rl.evol.operators import load_operator_set
+    from teams_rl.evol.seeds import check_seeds
 
     GenerationSettings.from_config(cfg.generate)
     build_rules(cfg.generate, load_operator_set(cfg.get("operators")))
     FilterSettings.from_cfg(cfg.get("filters"))
     holdout_fraction(cfg)
+    check_seeds(cfg.get("seeds"))
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -99,9 +136,11 @@ def run(cfg: DictConfig, ctx) -> dict:
         resumed = journal.count("evolve")
         if resumed:
             log.info("generate: resuming, %d evolutions already journaled", resumed)
+        if ctx.failures is not None:  # the failure budget's denominator: the requests a full run sends
+            ctx.failures.planned = len(seeds) * settings.steps * (3 if filters.no_info_gain else 2)
         generator = Generator(settings, build_rules(cfg.generate, opset), filters, load_agent(ctx.inputs["policy"]),
                               opset, seeds, journal, ctx.llm("expert"), lambda: ctx.llm("reviewer"),
-                              base_seed=int(cfg.seed))
+                              base_seed=int(cfg.seed), failures=ctx.failures)
         generator.run(progress)
         records = generator.records()
         calls = generator.calls()
@@ -165,4 +204,4 @@ def _print_summary(metrics: dict) -> None:
 
 
 STAGE = Stage(name="generate", version=1, run=run, config_keys=_config_keys, inputs=["policy"], resumable=True,
-              validate=_validate)
+              validate=_validate, roles=_roles, run_only_keys=RUN_ONLY_KEYS, estimate=_estimate)

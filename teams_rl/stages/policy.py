@@ -19,21 +19,25 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from teams_rl.llm.failures import LLMFailures
 from teams_rl.stages import Stage
 
 log = logging.getLogger(__name__)
 
 # policy.* keys that change how the run is carried out but not its result (kept out of the fingerprint)
-RUN_ONLY_KEYS = ("policy.checkpoint_every", "policy.keep_checkpoints", "policy.torch_threads")
+RUN_ONLY_KEYS = ("policy.checkpoint_every", "policy.keep_checkpoints", "policy.torch_threads",
+                 "policy.max_failed_fraction")
 SUMMED_COUNTS = ("llm_queries/instructor", "llm_queries/reviewer", "requests/instructor", "requests/reviewer")
 
 
-def _config_keys(cfg: DictConfig) -> list[str]:
+def _roles(cfg: DictConfig) -> list[str]:
     from teams_rl.evol.rewards import reward_uses_reviewer
 
-    keys = ["policy", "rl", "reward", "operators", "instructor"]
-    if reward_uses_reviewer(cfg.get("reward")):
-        keys.append("reviewer")
+    return ["instructor"] + (["reviewer"] if reward_uses_reviewer(cfg.get("reward")) else [])
+
+
+def _config_keys(cfg: DictConfig) -> list[str]:
+    keys = ["policy", "rl", "reward", "operators", *_roles(cfg)]
     if not (cfg.get("policy") or {}).get("seed_instructions"):
         keys.append("seeds")
     return keys
@@ -48,7 +52,38 @@ def _settings(cfg: DictConfig):
 
 
 def _validate(cfg: DictConfig) -> None:
-    _settings(cfg)
+    from teams_rl.evol.rewards import build_reward
+    from teams_rl.evol.seeds import check_seeds
+
+    s, _ = _settings(cfg)
+    build_reward(cfg.get("reward"))  # unknown terms and bad weights, without building a reviewer client
+    if not s.seed_instructions:
+        check_seeds(cfg.get("seeds"))
+
+
+def _estimate(cfg: DictConfig) -> list:
+    """What training sends (dry_run): one instructor rewrite per transition and, with a reviewer reward, at most
+    one judgement per transition. Prompts grow by ~27 tokens (20 words) per in-depth step of an episode."""
+    from teams_rl.evol.evolution import evolve_request
+    from teams_rl.evol.rewards import Judge, reward_uses_reviewer
+    from teams_rl.evol.training import seed_pool
+    from teams_rl.llm.plans import RequestPlan
+    from teams_rl.llm.types import ChatRequest
+
+    s, opset = _settings(cfg)
+    texts = [item[1] if isinstance(item, tuple) else item.instruction for item in seed_pool(s, cfg.get("seeds"))[:16]]
+    n, growth = s.updates * s.rollout, 27 * (s.episode_length - 1) / 2
+    plans = [RequestPlan("instructor", "evolve", n, [evolve_request(opset, i % len(opset), t, max_tokens=s.max_tokens,
+                                                                    temperature=s.temperature)
+                                                     for i, t in enumerate(texts)], growth)]
+    if reward_uses_reviewer(cfg.get("reward")):
+        judge_cfg = (cfg.get("reward") or {}).get("judge") or {}
+        judge = Judge(None, prompt=judge_cfg.get("prompt"), max_tokens=judge_cfg.get("max_tokens"))
+        plans.append(RequestPlan("reviewer", "judge", n, [ChatRequest.chat(judge.render(t, t + " in detail"),
+                                                                           max_tokens=judge.max_tokens, purpose="judge")
+                                                          for t in texts], 2 * growth,
+                                 "at most: unchanged rewrites are not judged"))
+    return plans
 
 
 def run(cfg: DictConfig, ctx) -> dict:
@@ -70,6 +105,8 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
 
     s, opset = _settings(cfg)
     run = PolicyTraining(s, opset, seed_pool(s, cfg.get("seeds")), cfg.get("reward"), ctx.llm, llm_threads)
+    if ctx.failures is not None:  # the failure budget's denominator: the requests all updates send
+        ctx.failures.planned = s.updates * s.rollout * len(_roles(cfg))
     if run.restore(out_dir):
         log.info("policy: resuming after update %d of %d", run.done, s.updates)
         write_metrics(out_dir, run.history)
@@ -77,7 +114,12 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
     with tqdm(total=s.updates, initial=run.done, desc=f"policy {s.algorithm}", unit="update",
               disable=not s.progress) as bar:
         while run.done < s.updates:
-            row = run.update()
+            try:
+                row = run.update()
+            except LLMFailures as err:  # raised while collecting the rollout: nothing was trained on it
+                raise LLMFailures(str(err).replace(
+                    "; rerun", f"; stopped before update {run.done + 1}, the checkpoint of update {run.done} is kept "
+                               "and a rerun resumes from it; rerun", 1)) from None
             run.history.append(row)
             if run.done % s.checkpoint_every == 0 or run.done == s.updates:
                 run.save_checkpoint(out_dir)
@@ -116,4 +158,4 @@ def _summary(s, opset, run) -> dict:
 
 
 STAGE = Stage(name="policy", version=1, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
-              resumable=True, validate=_validate)
+              resumable=True, validate=_validate, roles=_roles, estimate=_estimate)

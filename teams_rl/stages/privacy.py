@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
 from teams_rl.stages import Stage
 
@@ -78,13 +79,36 @@ def _score(path: str, prompts, responses, p, device: str, desc: str):
     return scores
 
 
-def _attacks(p, ref_path) -> list[str]:
+def _validate(cfg: DictConfig) -> None:
+    from teams_rl.models import check_model
+
+    _inputs(cfg)
+    p = cfg.privacy
+    _attacks(cfg, bool(p.get("reference_model")))
+    for key in ("max_samples", "batch_size", "max_length"):
+        C.integer(cfg, f"privacy.{key}", minimum=1, optional=key == "max_samples")
+    C.integer(cfg, "privacy.bootstrap", minimum=0)
+    C.integer(cfg, "privacy.seed")
+    C.fraction(cfg, "privacy.holdout_fraction", optional=True)
+    fprs = C.plain(p.get("fpr")) or []
+    if not isinstance(fprs, list) or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1
+                                             for f in fprs):
+        raise TeamsRLError(f"privacy.fpr must be a list of false-positive rates in (0, 1), got {fprs!r}")
+    for key in ("members", "nonmembers"):
+        if p.get(key) and not Path(str(p[key])).expanduser().exists():
+            raise TeamsRLError(f"privacy.{key}: {p[key]} does not exist")
+    if p.get("reference_model"):
+        check_model(str(p.reference_model), cfg.paths.get("cache"), "privacy.reference_model")
+
+
+def _attacks(cfg, ref_path) -> list[str]:
     """The attacks to run, after checking the settings they use."""
     from teams_rl.eval import mia
 
-    if str(p.get("score_on", "response")) not in ("response", "full"):
-        raise TeamsRLError(f"privacy.score_on must be 'response' or 'full', got '{p.score_on}'")
-    if not 0 < float(p.get("k", 0.2)) <= 1:
+    p = cfg.privacy
+    C.choice(cfg, "privacy.score_on", ("response", "full"), default="response")
+    k = C.number(cfg, "privacy.k", optional=True)
+    if k is not None and not 0 < k <= 1:
         raise TeamsRLError(f"privacy.k is the fraction of tokens min-k% averages: (0, 1], got {p.k}")
     attacks = [str(a) for a in p.get("attacks", mia.ATTACKS)]
     unknown = sorted(set(attacks) - set(mia.ATTACKS))
@@ -123,7 +147,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     device = pick_device(str(p.get("device", "auto")))
     target_path = _target_model(cfg, ctx)
     ref_path = resolve_model(str(p.reference_model), cfg.paths.get("cache")) if p.get("reference_model") else None
-    attacks = _attacks(p, ref_path)
+    attacks = _attacks(cfg, ref_path)
     members, nonmembers = _member_sets(cfg, ctx)
     examples = members + nonmembers
     labels = np.array([1] * len(members) + [0] * len(nonmembers))
@@ -175,4 +199,4 @@ def _print(rows, columns) -> None:
         print("| " + " | ".join([row[0]] + [f"{v:.3f}" for v in row[1:]]) + " |")
 
 
-STAGE = Stage(name="privacy", version=1, run=run, config_keys=["privacy"], inputs=_inputs)
+STAGE = Stage(name="privacy", version=1, run=run, config_keys=["privacy"], inputs=_inputs, validate=_validate)
