@@ -11,8 +11,9 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 SEEDS ?= 0
+EXPERIMENT ?=
 .PHONY: help install demo test test-fast bench lint clean repro-smoke repro-queries repro-llama7b repro-llama2 \
-	ablate-operators ablate-rl report
+	ablate-operators ablate-rl report dry-run
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,6 +58,9 @@ ablate-operators: install ## operator-set ablation at smoke scale, offline; SEED
 
 ablate-rl: install ## RL ablation (trpo_paper, trpo, ppo, random) at smoke scale, offline; SEEDS=0,1,2 (2 CPU cores: ~1 min per job)
 	$(OFFLINE) $(PY) -m teams_rl -m +experiment=smoke rl=trpo_paper,trpo,ppo,random seed=$(SEEDS) experiment_name=ablate_rl
+
+dry-run: install ## what a config would send and cost, sending nothing: make dry-run EXPERIMENT=llama7b (seconds)
+	$(OFFLINE) $(PY) -m teams_rl $(if $(EXPERIMENT),+experiment=$(EXPERIMENT)) dry_run=true logger=none
 
 report: install ## re-render a run's or sweep's report: make report DIR=multirun/ablate_rl/<time> (default: the newest; seconds)
 	$(OFFLINE) $(PY) -m teams_rl.report $(or $(DIR),$(shell ls -dt outputs/*/* multirun/*/* 2>/dev/null | head -1))

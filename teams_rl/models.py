@@ -141,12 +141,26 @@ def check_model(name_or_path: str, cache_dir: str | Path | None = None, key: str
     try:
         path = Path(name_or_path).expanduser()
         if path.exists() or name_or_path.startswith(("/", "./", "../", "~")):
-            resolve_model(name_or_path, cache_dir)
+            check_checkpoint(resolve_model(name_or_path, cache_dir))
         elif os.environ.get("HF_HUB_OFFLINE") == "1" and _hub_cached(name_or_path) is None:
             raise TeamsRLError(f"model '{name_or_path}' is neither a local path nor in the hub cache, and "
                                "HF_HUB_OFFLINE=1 forbids downloading it")
     except TeamsRLError as err:
         raise TeamsRLError(f"{key}: {err}") from None
+
+
+def check_checkpoint(folder: str | Path) -> None:
+    """A checkpoint folder whose weights cannot be read (truncated, half-copied) fails here in one line:
+    every `*.safetensors` header is read (memory-mapped, no weights loaded)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except Exception as err:  # SafetensorError and OSError alike: the file is not usable
+            raise TeamsRLError(f"checkpoint {folder}: {path.name} cannot be read "
+                               f"({(str(err).splitlines() or [type(err).__name__])[0]}); is it truncated?") from None
 
 
 def model_to_score(given: str | None, cache_dir, finetune_artifact: str | Path | None) -> str:

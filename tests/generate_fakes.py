@@ -9,6 +9,9 @@ Answers are a pure function of the prompt (and the request seed), so reruns, res
   second instruction hashes into `equal_every` (every k-th, deterministic);
 - anything else is answered with a sentence that repeats the question.
 
+`style` makes every answer of one bad kind: "echo" (rewrites only echo the template's marker), "verbose"
+(rewrites of 300 words), "refusal" (every answer is a short apology); "normal" is the default.
+
 Markers (substrings of the instruction being rewritten or answered):
   fail_evolve   the rewrite only echoes the template's marker (an unusable rewrite: an evolution failure)
   near_copy     the in-depth rewrite is the instruction plus one word (a ROUGE-L near-duplicate of it)
@@ -43,7 +46,8 @@ class EvolFake(FakeBackend):
 
     def __init__(self, model: str = "evolfake", fail_evolve=("Fibonacci",), near_copy=("Solve for x",),
                  copy_words=("sentiment",), too_short=("virus",), sorry=("poem",), equal_every: int = 0,
-                 latency_s: float = 0.0, calls_file: str | None = None, batch_size: int | None = None, **_ignored):
+                 latency_s: float = 0.0, calls_file: str | None = None, batch_size: int | None = None,
+                 style: str = "normal", **_ignored):
         super().__init__(model, latency_s=latency_s, calls_file=calls_file or os.environ.get("EVOLFAKE_CALLS_FILE"),
                          batch_size=batch_size)
         self.fail_evolve = tuple(fail_evolve)
@@ -52,6 +56,7 @@ class EvolFake(FakeBackend):
         self.too_short = tuple(too_short)
         self.sorry = tuple(sorry)
         self.equal_every = int(equal_every)
+        self.style = style
 
     @staticmethod
     def _has(text: str, markers) -> bool:
@@ -60,8 +65,10 @@ class EvolFake(FakeBackend):
     def rewrite(self, prompt: str, seed) -> str:
         instruction = prompt.rsplit(GIVEN, 1)[1].strip()
         key = f"{instruction}|{seed}"
-        if self._has(instruction, self.fail_evolve):
+        if self._has(instruction, self.fail_evolve) or self.style == "echo":
             return "#Rewritten Prompt#:"
+        if self.style == "verbose":
+            return "Explain " + " ".join(pseudo_words(key + "|verbose", 300)) + "."
         if "Prompt Creator" in prompt:
             return "Explain " + " ".join(pseudo_words(key + "|breadth", 7)) + "."
         if self._has(instruction, self.near_copy):
@@ -88,7 +95,7 @@ class EvolFake(FakeBackend):
         pair = judge_pair(prompt)
         if pair is not None:
             return self.judge(*pair)
-        if self._has(prompt, self.sorry):
+        if self._has(prompt, self.sorry) or self.style == "refusal":
             return "Sorry, I cannot help with that."
         return f"Here is a careful answer. {prompt.strip()} The key points are explained step by step above."
 

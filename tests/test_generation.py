@@ -119,3 +119,77 @@ def test_operator_set_mismatch_is_one_line(tmp_path):
     with pytest.raises(TeamsRLError, match="trained on operators") as err:
         generator(tmp_path, agent=Agent({"algorithm": "random", "operators": OPS[:4], "episode_length": 3}))
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+
+def _records(tmp_path, **kwargs):
+    gen, expert, _ = generator(tmp_path, **kwargs)
+    gen.run(progress=False)
+    return gen.records(), expert
+
+
+@pytest.mark.parametrize("mode, judge", [("teams_rl", False), ("teams_rl", True), ("wizardlm", True)])
+def test_stream_and_barrier_schedules_give_the_same_records(tmp_path, mode, judge):
+    steps = 4 if mode == "wizardlm" else 3
+    agent = Agent({"algorithm": "random", "operators": OPS, "episode_length": steps})
+    stream, s_expert = _records(tmp_path / "stream", mode=mode, steps=steps, judge=judge, agent=agent)
+    barrier, b_expert = _records(tmp_path / "barrier", mode=mode, steps=steps, judge=judge, agent=agent,
+                                 schedule="barrier")
+    assert stream == barrier
+    assert s_expert.account.total.queries == b_expert.account.total.queries  # the same requests, once each
+
+
+@pytest.mark.parametrize("mode", ["teams_rl", "wizardlm"])
+def test_records_do_not_depend_on_which_request_returns_first(tmp_path, monkeypatch, mode):
+    """The same generation against a real server whose latencies are shuffled (another seed of a lognormal):
+    completions arrive in another order, the records are the same; and the barrier schedule agrees."""
+    from teams_rl.llm.openai_backend import OpenAIBackend
+    from tests.loopback_server import LoopbackServer, lognormal_latency
+
+    monkeypatch.delenv("TEAMS_RL_NO_KEY", raising=False)
+    agent = Agent({"algorithm": "random", "operators": OPS, "episode_length": 3})
+    results, orders = [], []
+    for latency_seed, schedule in ((1, "stream"), (2, "stream"), (1, "barrier")):
+        with LoopbackServer(responder="evol", latency=lognormal_latency(0.01, 1.0, latency_seed)) as server:
+            backend = OpenAIBackend("loopback-model", base_url=server.base_url, api_key_env="TEAMS_RL_NO_KEY",
+                                    max_concurrency=8, progress=False)
+            try:
+                expert = LLMClient("expert", backend)
+                records, _ = _records(tmp_path / f"{schedule}{latency_seed}", mode=mode, judge=mode == "wizardlm",
+                                      agent=agent, expert=expert, schedule=schedule, steps=3)
+            finally:
+                backend.close()
+            finished = sorted(server.records, key=lambda r: r.finished)
+            orders.append([r.last_user_message for r in finished])
+        results.append(records)
+    assert results[0] == results[1] == results[2]
+    assert orders[0] != orders[1]  # the completion order really differed
+
+
+def test_a_failure_stops_new_requests_journals_the_rest_and_a_rerun_sends_only_what_is_missing(tmp_path):
+    from teams_rl.llm.failures import LLMFailures
+    from tests.generate_fakes import EvolFake
+
+    class Broken(EvolFake):
+        """Fails every answer about vaccines (a request that keeps failing after its retries)."""
+
+        def respond(self, request):
+            if request.purpose == "answer" and "vaccines" in request.messages[-1][1]:
+                return None
+            return super().respond(request)
+
+    gen, expert, _ = generator(tmp_path, expert=LLMClient("expert", Broken(model="expert")))
+    with pytest.raises(LLMFailures, match=r"generate: 1 of \d+ expert requests failed \(error 1; fake/expert\)"):
+        gen.run(progress=False)
+    gen.journal.close()
+    journal = Journal(tmp_path / "journal.jsonl")
+    assert journal.get("answer", "s1/1") is None  # the failure is not journaled
+    assert journal.get("evolve", "s1/1") is not None and journal.get("answer", "s2/1") is not None
+    journal.close()
+    again, healthy, _ = generator(tmp_path)
+    again.run(progress=False)
+    clean, _ = _records(tmp_path / "clean")
+    assert again.records() == clean
+    # the rerun sent only what was missing: fewer requests than a full run
+    assert 0 < healthy.backend.sent < 9 + 6

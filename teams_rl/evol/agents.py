@@ -191,5 +191,9 @@ def load_agent(policy_artifact_dir: str | Path) -> Agent:
         policy_path = folder / (meta.get("policy_file") or POLICY_FILE)
         if not policy_path.is_file():
             raise TeamsRLError(f"{folder}: the {meta['algorithm']} agent's {policy_path.name} is missing")
-        model = algorithm_class(meta["algorithm"]).load(policy_path, device="cpu")
+        try:
+            model = algorithm_class(meta["algorithm"]).load(policy_path, device="cpu")
+        except Exception as err:  # a truncated or foreign zip: one line, not sb3's traceback
+            raise TeamsRLError(f"{policy_path}: cannot load the {meta['algorithm']} policy "
+                               f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
     return Agent(meta, model=model)

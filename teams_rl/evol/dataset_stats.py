@@ -137,7 +137,7 @@ def write_card(out_dir: str | Path, cfg, metrics: dict, stats: dict, operators: 
                     "it, and the evolution passed WizardLM's elimination rules or was dropped; a dropped evolution "
                     "was retried from its parent in the next round.",
     }[mode]
-    calls = sorted((k, v) for k, v in metrics.items() if k.startswith(("calls/", "sent/")))
+    calls = sorted((k, v) for k, v in metrics.items() if k.startswith(("calls/", "sent/", "truncated/")))
     drops = stats.get("dropped_by_reason", {})
     seeds_cfg = C.plain(cfg.get("seeds")) or {}
     filters_cfg = C.plain(cfg.get("filters")) or {}
@@ -169,6 +169,7 @@ Made by the `generate` stage of `teams_rl`, a reproduction of TeaMs-RL (arXiv 24
 {_md_table(['quantity', 'records'], [['evolutions', metrics['evolutions']], ['final records', metrics['dataset/size']], ['train (members)', metrics['dataset/train']], ['heldout (non-members, by seed)', metrics['dataset/heldout']]] + [[f'dropped: {k}', v] for k, v in drops.items()])}
 
 ## LLM query accounting
+`truncated` = answers cut off at `max_tokens` (kept; a long-answer model may need a larger limit).
 `calls` = requests the generation needed (cache hits included, over all resumed runs); `sent` = requests
 that reached a backend (cache misses).
 

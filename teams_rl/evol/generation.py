@@ -466,7 +466,8 @@ class Generator:
         return out
 
     def calls(self) -> dict[str, int]:
-        """LLM requests by role/purpose as journaled: `calls/...` needed, `sent/...` not served by the cache."""
+        """LLM requests by role/purpose as journaled: `calls/...` needed, `sent/...` not served by the cache,
+        `truncated/<purpose>` answers cut off at max_tokens."""
         out: Counter = Counter()
         for kind, role in (("evolve", "expert"), ("answer", "expert"), ("judge", "reviewer")):
             for rec in self.journal.records(kind):
@@ -475,6 +476,8 @@ class Generator:
                 out[f"calls/{role}/{kind}"] += 1
                 if not rec.get("cached"):
                     out[f"sent/{role}/{kind}"] += 1
+                if rec.get("truncated"):  # cut off at max_tokens: kept, and counted
+                    out[f"truncated/{kind}"] += 1
         return dict(out)
 
 

@@ -35,8 +35,11 @@ def _inputs(cfg: DictConfig) -> list[str]:
 def _validate(cfg: DictConfig) -> None:
     from teams_rl import config as C
     from teams_rl.eval.harness import requested_benchmarks
+    from teams_rl.models import check_model
 
     _inputs(cfg)
+    if cfg.evaluate.get("model"):
+        check_model(str(cfg.evaluate.model), cfg.paths.get("cache"), "evaluate.model")
     C.integer(cfg, "evaluate.num_fewshot", minimum=0, optional=True)
     C.number(cfg, "evaluate.limit", minimum=0.0, optional=True)
     C.integer(cfg, "evaluate.batch_size", minimum=1)

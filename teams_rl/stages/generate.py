@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from teams_rl import config as C
+from teams_rl.errors import TeamsRLError
 from teams_rl.evol.filters import FilterSettings, apply_filters
 from teams_rl.evol.generation import (
     COLUMNS,
@@ -149,8 +150,10 @@ def run(cfg: DictConfig, ctx) -> dict:
 
     seed_texts = [start_text(s, settings.merge_input) for s in seeds]
     report = apply_filters(records, filters, seed_texts=seed_texts, progress=progress)
-    if not report.kept:
-        log.warning("generate: no record survived the filters (%s); the dataset is empty", report.by_reason())
+    if not report.kept:  # an empty dataset is nothing to stand behind: fail instead of committing it
+        raise TeamsRLError(f"generate: no record survived the filters ({_reasons(report.by_reason())}) of "
+                           f"{len(records)} evolutions; nothing to train on (see {ctx.out_dir / JOURNAL} for the "
+                           "raw answers; filters=none keeps every answered evolution)")
     train, heldout = split_holdout(report.kept, holdout_fraction(cfg), int(cfg.seed))
     write_dataset(ctx.out_dir, train, heldout)
     with open(ctx.out_dir / "dropped.jsonl", "w") as fh:
@@ -190,6 +193,10 @@ def run(cfg: DictConfig, ctx) -> dict:
                           [[k, v] for k, v in report.by_reason().items()])
     _print_summary(metrics)
     return metrics
+
+
+def _reasons(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
 
 def _print_summary(metrics: dict) -> None:

@@ -97,8 +97,9 @@ def _validate(cfg: DictConfig) -> None:
     for key in ("members", "nonmembers"):
         if p.get(key) and not Path(str(p[key])).expanduser().exists():
             raise TeamsRLError(f"privacy.{key}: {p[key]} does not exist")
-    if p.get("reference_model"):
-        check_model(str(p.reference_model), cfg.paths.get("cache"), "privacy.reference_model")
+    for key in ("model", "reference_model"):
+        if p.get(key):
+            check_model(str(p[key]), cfg.paths.get("cache"), f"privacy.{key}")
 
 
 def _attacks(cfg, ref_path) -> list[str]:
