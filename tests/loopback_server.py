@@ -2,8 +2,9 @@
 
 `POST /v1/chat/completions` answers "echo: <last user message>" (cut to `max_tokens` words, then
 finish_reason "length"), with `usage`, `id`, `model`, `created` and `object` like the real API.
-`GET /v1/models` lists the model and `GET /stats` returns the request count and the peak number of
-requests in flight. Faults can be injected per request:
+`GET /v1/models` lists the model and `GET /stats` returns the request count, the peak number of
+requests in flight and the summed latency (what a benchmark's bound is made of; `?since=N`: of the requests
+after the first N). Faults can be injected per request:
 
     with LoopbackServer(latency_s=0.05) as server:
         server.add_fault("429", times=2, retry_after="1")   # first 2 attempts of every request
@@ -303,10 +304,15 @@ class LoopbackServer:
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
                                                               "owned_by": "loopback"}]})
 
-    async def _stats(self, _request: web.Request) -> web.Response:
+    async def _stats(self, request: web.Request) -> web.Response:
+        since = int(request.query.get("since", 0))  # the latency figures over records[since:] only
         with self._lock:
-            return web.json_response({"served": self.served, "max_in_flight": self.max_in_flight,
-                                      "records": len(self.records)})
+            done = [r for r in self.records[since:] if r.finished is not None]
+            return web.json_response({
+                "served": self.served, "max_in_flight": self.max_in_flight, "records": len(self.records),
+                "latency_sum_s": sum(r.finished - r.started for r in done),  # time the server spent answering
+                "first_start": min((r.started for r in done), default=None),
+                "last_finish": max((r.finished for r in done), default=None)})
 
     def outage(self, seconds: float, kind: str = "refuse") -> None:
         """Take the server down for `seconds` ("refuse": no connection is accepted and open ones are closed;

@@ -257,3 +257,22 @@ def test_the_command_line_prints_one_error_line_and_exit_codes(tmp_path):
     unknown_option = cli("rl=sac")  # Hydra's own composition error, as Hydra prints it
     assert unknown_option.returncode == 1 and "Could not find 'rl/sac'" in unknown_option.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_llm_check_reports_a_dead_host_within_its_short_limits(compose, tmp_path, capsys, monkeypatch):
+    """Nothing listens at the base_url: the check gives up after llm_check.max_outage_s (not the backend's
+    minutes), writes its table and exits 4 naming the role."""
+    from teams_rl.ports import free_port
+
+    monkeypatch.delenv("TEAMS_RL_NO_KEY", raising=False)
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    overrides = ["stages=[llm_check]", "llm_check.roles=[expert]", "llm_check.requests_per_role=2",
+                 "llm_check.max_outage_s=1", "expert=vllm_server", f"expert.backend.base_url={dead}",
+                 "expert.backend.api_key_env=TEAMS_RL_NO_KEY", "expert.backend.max_outage_s=300",
+                 "expert.backend.backoff_max_s=0.2"]
+    code, line, artifacts = run_cli_like(compose, tmp_path, overrides, capsys)
+    check(code, line, LLM, f"llm_check: expert (WizardLMTeam/WizardLM-13B-V1.2 at {dead}) answered 0 of 2 (connection")
+    table = (tmp_path / "run" / "llm_check.md").read_text()
+    wall = float(table.splitlines()[2].split("|")[6])
+    assert wall < 1 + 10  # the check's 1 s outage limit (+ one attempt's timeout), not the backend's 300 s
+    assert not manifests(artifacts)
