@@ -12,8 +12,8 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 SEEDS ?= 0
 EXPERIMENT ?=
-.PHONY: help install demo test test-fast bench lint clean repro-smoke repro-queries repro-llama7b repro-llama2 \
-	ablate-operators ablate-rl report dry-run
+.PHONY: help install demo test test-fast bench lint clean repro-smoke repro-queries repro-budget repro-llama7b repro-llama2 \
+	ablate-operators ablate-rl report dry-run dashboard
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,14 +38,21 @@ test: install ## install, then run the whole CPU test suite (< 10 min on 2 cores
 test-fast: install ## the suite without tests marked slow (~1 min)
 	$(OFFLINE) $(PY) -m pytest -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
-bench: install ## run every benchmark; each prints a ratio against a baseline measured in the same run
+bench: install ## run every benchmark (each prints a ratio against a baseline measured in the same run), then write experiments/benchmarks.md
 	@set -e; for b in experiments/bench/bench_*.py; do echo "== $$b"; $(OFFLINE) $(PY) $$b; done
+	$(PY) experiments/bench/write_summary.py
 
 repro-smoke: install ## whole pipeline, tiny & offline -> outputs/smoke/<time>/report/report.md (2 CPU cores: ~2-3 min)
 	$(OFFLINE) $(PY) -m teams_rl +experiment=smoke
 
-repro-queries: install ## query/size table at small scale, offline: TeaMs-RL vs WizardLM on the same 4 tiny seeds (2 CPU cores: ~4 min)
+repro-queries: install ## query/size claims at small scale, offline: TeaMs-RL measured / WizardLM per seed x 52,002, and the same-seed table (2 CPU cores: ~4 min)
 	$(OFFLINE) $(PY) -m teams_rl -m +experiment=queries_small,queries_small_wizardlm experiment_name=repro_queries
+	$(OFFLINE) $(PY) -m teams_rl.report.costs --sweep $$(ls -dt multirun/repro_queries/*/ | head -1) \
+	  --out $$(ls -dt multirun/repro_queries/*/ | head -1)costs
+
+repro-budget: install ## beyond the paper: TeaMs-RL, random operators, WizardLM, no evolution at one expert budget, small & offline (2 CPU cores: <= 15 min)
+	$(OFFLINE) $(PY) -m teams_rl -m +experiment=budget_matched_small +method=teams_rl,random_ops,wizardlm,no_evolution \
+	  experiment_name=repro_budget
 
 repro-llama7b: install ## paper main run + WizardLM-data baseline, Llama-1-7b (4 GPUs >=40 GB, OPENAI_API_KEY, hub; est. 2-4 days)
 	$(PY) -m teams_rl -m +experiment=llama7b,llama7b_wizardlm experiment_name=repro_llama7b
@@ -64,6 +71,9 @@ dry-run: install ## what a config would send and cost, sending nothing: make dry
 
 report: install ## re-render a run's or sweep's report: make report DIR=multirun/ablate_rl/<time> (default: the newest; seconds)
 	$(OFFLINE) $(PY) -m teams_rl.report $(or $(DIR),$(shell ls -dt outputs/*/* multirun/*/* 2>/dev/null | head -1))
+
+dashboard: install ## wandb workspace as code: offline, writes outputs/dashboard/workspace.json; WANDB_MODE=online make dashboard ENTITY=<you> saves it (seconds)
+	$(PY) -m teams_rl.dashboard $(if $(ENTITY),--entity $(ENTITY)) $(if $(PROJECT),--project $(PROJECT))
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check teams_rl tests experiments

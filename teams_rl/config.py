@@ -115,8 +115,40 @@ def string_list(cfg: Any, key: str, *, optional: bool = True) -> list[str]:
     return [str(v) for v in value]
 
 
+def integer_list(cfg: Any, key: str, *, minimum: int | None = None, maximum: int | None = None) -> list[int]:
+    """`key` as a list of ints (null = []); each in [minimum, maximum]."""
+    value = _value(cfg, key)
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (ListConfig, Sequence)):
+        raise TeamsRLError(f"{key} must be a list of integers, got {_describe(value)}")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TeamsRLError(f"{key} must be a list of integers, got {_describe(item)} in it")
+        _check_range(key, item, minimum, maximum)
+        out.append(int(item))
+    return out
+
+
 def _check_range(key: str, value: float, minimum: float | None, maximum: float | None) -> None:
     if minimum is not None and value < minimum:
         raise TeamsRLError(f"{key} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise TeamsRLError(f"{key} must be <= {maximum}, got {value}")
+
+
+def check_required(cfg: Any) -> None:
+    """`required: {dotted key: what to give}` (set by an experiment): each key must be set, else one line
+    naming the experiment, the key and what it expects, before any stage runs."""
+    needed = plain(get(cfg, "required")) or {}
+    if not isinstance(needed, Mapping):
+        raise TeamsRLError(f"required must map config keys to what they need, got {_describe(needed)}")
+    for key, what in needed.items():
+        try:
+            value = OmegaConf.select(cfg, str(key), default=None)
+        except OmegaConfBaseException as err:
+            raise TeamsRLError(f"{key}: {str(err).splitlines()[0]}") from None
+        if value is None or (isinstance(value, str) and not value.strip()):
+            name = get(cfg, "experiment_name", "this experiment")
+            raise TeamsRLError(f"+experiment={name} needs {key}=...: {what}")

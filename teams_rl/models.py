@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -115,7 +116,7 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str
         return str(_write_once(cache / "models" / "smollm2-135m-instruct", _convert_smollm2))
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
             raise TeamsRLError(f"model path {path} has no config.json (not a transformers checkpoint)")
         return str(path)
     if name_or_path.startswith(("/", "./", "../", "~")):
@@ -169,7 +170,7 @@ def model_to_score(given: str | None, cache_dir, finetune_artifact: str | Path |
     if given:
         return resolve_model(str(given), cache_dir)
     folder = Path(finetune_artifact) / "model"
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not is_adapter(folder):
         raise TeamsRLError(f"the finetune artifact {finetune_artifact} has no model/ checkpoint")
     return str(folder)
 
@@ -183,15 +184,41 @@ def _hub_cached(repo_id: str) -> str | None:
         return None
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(path: str | Path) -> bool:
+    """A LoRA adapter folder (finetune.lora.save=adapter) rather than a full checkpoint."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter folder was trained on (its adapter_config.json)."""
+    try:
+        base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as err:
+        raise TeamsRLError(f"{Path(path) / ADAPTER_CONFIG}: unreadable ({err})") from None
+    if not base:
+        raise TeamsRLError(f"{Path(path) / ADAPTER_CONFIG} names no base_model_name_or_path")
+    return str(base)
+
+
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
                    cache_dir: str | Path | None = None):
-    """(model, tokenizer) in eval mode on `device`, with a pad token set."""
+    """(model, tokenizer) in eval mode on `device`, with a pad token set. A LoRA adapter folder is applied to
+    its base model and merged in."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path, cache_dir)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=getattr(torch, dtype))
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()

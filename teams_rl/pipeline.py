@@ -51,6 +51,7 @@ def fingerprints(cfg: DictConfig, names: list[str]) -> dict[str, str]:
 def validate_plan(cfg: DictConfig, order: list[str], llms: LLMPool | None = None) -> None:
     """Every planned stage's own checks, before any of them runs: its `validate(cfg)`, its failure budget and
     the LLM clients of the roles it calls (building one checks its key variable, model path or cache)."""
+    C.check_required(cfg)  # paths an experiment cannot run without (e.g. the checkpoint it evaluates)
     for name in order:
         stage = load_stage(name)
         if stage.validate is not None:
@@ -240,6 +241,10 @@ def _run_stage(name, cfg, fps, store, llms, run_dir, run_manifest) -> dict:
         if failures.exceeded():  # a stage that swallowed a failure must not commit it as a result
             raise failures.error(kept=f"{name} finished but its artifact is not committed")
         duration = time.perf_counter() - t0
+        spent = _accounting_delta(before, llms.accounting())
+        # the dtype each model ran in (`dtype: auto` depends on the machine): the LLM roles this stage used and
+        # whatever the stage reports itself (privacy: its scoring models)
+        dtypes = {**llms.dtypes(spent), **ctx.extra.get("dtype", {})}
         store.commit(name, fp, {
             "stage": name,
             "version": stage.version,
@@ -247,7 +252,8 @@ def _run_stage(name, cfg, fps, store, llms, run_dir, run_manifest) -> dict:
             "inputs": {dep: fps[dep] for dep in ins},
             "config": config_slice(cfg, stage.fingerprint_keys(cfg)),
             "metrics": metrics,
-            "llm": _accounting_delta(before, llms.accounting()),
+            "llm": spent,
+            **({"dtype": dtypes} if dtypes else {}),
             "started_at": started,
             "finished_at": _now(),
             "duration_s": duration,

@@ -96,3 +96,38 @@ def learning_curve(history: list[dict], names: list[str], path: str | Path, titl
     ax1.legend(loc="best", fontsize=8)
     operator_probabilities(ax2, history, names)
     return save(fig, path, dpi)
+
+
+def method_comparison(labels: Sequence[str], expert_queries: Sequence[float | None], budget: float | None,
+                      pairs: Sequence[float | None], average: Sequence[tuple[float | None, float | None]],
+                      auc: Sequence[tuple[float | None, float | None, float | None]], path: str | Path,
+                      title: str = "Methods at an equal expert budget", dpi: int = DPI) -> Path:
+    """Three panels per method: what the budget bought (expert queries and pairs), the benchmark average with
+    its error bar, and the membership-inference AUC with its interval (0.5 = chance)."""
+    fig, axes = figure(13, 4.2, ncols=3)
+    spend, bench, mia = axes[0]
+    x = np.arange(len(labels))
+    as_float = [np.nan if v is None else float(v) for v in expert_queries]
+    spend.bar(x - 0.2, as_float, 0.4, label="expert queries")
+    spend.bar(x + 0.2, [np.nan if v is None else float(v) for v in pairs], 0.4, label="pairs")
+    if budget is not None:
+        spend.axhline(float(budget), color="k", ls="--", lw=0.8, label=f"budget {budget:,.0f}")
+    spend.set(title="What the budget bought", ylabel="count")
+    values = [np.nan if v is None else 100 * v for v, _ in average]
+    errors = [0.0 if e is None else 100 * e for _, e in average]
+    bench.bar(x, values, 0.6, yerr=errors, capsize=4, color="tab:green")
+    bench.set(title="Benchmark average (%)", ylabel="score (%)")
+    centres = [np.nan if a is None else a for a, _, _ in auc]
+    low = [0.0 if a is None or lo is None else a - lo for a, lo, _ in auc]
+    high = [0.0 if a is None or hi is None else hi - a for a, _, hi in auc]
+    mia.errorbar(x, centres, yerr=[low, high], fmt="o", capsize=4, color="tab:red")
+    mia.axhline(0.5, color="k", ls="--", lw=0.8, label="chance")
+    mia.set(title="Membership-inference AUC", ylabel="AUC", ylim=(0, 1.05))
+    for ax in (spend, bench, mia):
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    spend.legend(fontsize=8)
+    mia.legend(fontsize=8)
+    fig.suptitle(title)
+    return save(fig, path, dpi, top=0.92)

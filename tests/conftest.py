@@ -23,14 +23,32 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-def compose_config(overrides: list[str] = (), artifacts: Path | None = None, config_name: str = "config"):
-    """The config `python -m teams_rl <overrides>` would run, with wandb off and artifacts in `artifacts`."""
+# The embedded default is a real run (SmolLM2 target, 12+ policy updates, ~50 seeds: minutes). Tests run the
+# same code at the scale below unless they select an experiment or set the key themselves;
+# `compose_config(..., scale=False)` composes the true default.
+TEST_SCALE = {"target": "tiny_llama", "rl": "trpo", "seeds.limit": "8", "generate.heldout_seeds": "null",
+              "policy.updates": "3", "policy.n_envs": "8", "policy.steps_per_update": "2", "policy.max_tokens": "32",
+              "stages": "[policy,generate,finetune,evaluate,privacy,report]"}
+
+
+def scaled_down(overrides) -> list[str]:
+    """TEST_SCALE's overrides for the keys `overrides` leave alone (none when an experiment is selected)."""
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    if any(key.startswith("experiment") for key in given):
+        return []
+    return [f"{k}={v}" for k, v in TEST_SCALE.items() if k not in given]
+
+
+def compose_config(overrides: list[str] = (), artifacts: Path | None = None, config_name: str = "config",
+                   scale: bool = True):
+    """The config `python -m teams_rl <overrides>` would run (at TEST_SCALE unless `scale=False`), with wandb off
+    and artifacts in `artifacts`."""
     from hydra import compose, initialize_config_dir
 
     from teams_rl.config_groups import register_role_groups
 
     register_role_groups()
-    extra = ["logger=none"]
+    extra = ["logger=none"] + (scaled_down(overrides) if scale else [])
     if artifacts is not None:
         extra.append(f"paths.artifacts={artifacts}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -59,13 +59,14 @@ def policy_artifact(store: Path, rewards: list[float], operators=OPS, algorithm=
 
 
 def generate_artifact(store: Path, policy_fp: str, mode: str, calls: dict[str, int], size: int, seeds: int = 4,
-                      salt="") -> tuple[str, Path]:
+                      salt="", extra: dict | None = None) -> tuple[str, Path]:
     train = size - size // 4
     metrics = {"mode": mode, "seeds": seeds, "episode_length": 2 if mode == "teams_rl" else 4,
                "evolutions": calls.get("calls/expert/evolve", 0), "dataset/size": size, "dataset/train": train,
                "dataset/heldout": size - train, "dropped": 0, **calls,
                **{k.replace("calls/", "sent/"): v for k, v in calls.items()},
-               "calls/total": sum(calls.values()), "distinct_1": 0.61, "distinct_2": 0.87, "instruction_words_mean": 14.5}
+               "calls/total": sum(calls.values()), "distinct_1": 0.61, "distinct_2": 0.87, "instruction_words_mean": 14.5,
+               **(extra or {})}
     stats = {"records": size, "operator_mix": {"add_constraints": size - 2, "breadth": 2}, "distinct_1": 0.61,
              "distinct_2": 0.87, "seed_distinct_1": 0.55, "seed_distinct_2": 0.8,
              "instruction_words": {"mean": 14.5}, "seed_instruction_words": {"mean": 9.25}}
@@ -81,12 +82,15 @@ def finetune_artifact(store: Path, generate_fp: str, salt="") -> tuple[str, Path
                           {"generate": generate_fp}, {"train_metrics.json": metrics}, salt=salt)
 
 
-def eval_metrics(scores: dict[str, float]) -> dict[str, float]:
+def eval_metrics(scores: dict[str, float], stderr: float | None = None) -> dict[str, float]:
     flat = {}
     for key, value in scores.items():
         flat[key] = value
-        flat[f"{key}/acc_norm" if key in ("arc_challenge", "hellaswag") else f"{key}/acc"] = value
+        metric = f"{key}/acc_norm" if key in ("arc_challenge", "hellaswag") else f"{key}/acc"
+        flat[metric] = value
         flat[f"{key}/n"] = 4.0
+        if stderr is not None:  # lm-eval's `<metric>_stderr`
+            flat[f"{metric}_stderr"] = stderr
     flat["average"] = float(np.mean([scores[k] for k in BENCH]))
     return flat
 
@@ -98,8 +102,9 @@ EVAL_SETTINGS = {"harness": "lm-evaluation-harness", "lm_eval_version": "0.4.13"
     {"key": "truthfulqa_mc2", "task": "offline_truthfulqa_mc2", "num_fewshot": 0, "metric": "acc"}]}
 
 
-def evaluate_artifacts(store: Path, finetune_fp: str, base: dict, tuned: dict, salt="") -> dict[str, tuple[str, Path]]:
-    base_flat, tuned_flat = eval_metrics(base), eval_metrics(tuned)
+def evaluate_artifacts(store: Path, finetune_fp: str, base: dict, tuned: dict, salt="",
+                       stderr: float | None = None) -> dict[str, tuple[str, Path]]:
+    base_flat, tuned_flat = eval_metrics(base, stderr), eval_metrics(tuned, stderr)
     base_fp = write_artifact(store, "evaluate_base", base_flat, {"evaluate.limit": 4}, {},
                              {"metrics.json": base_flat, "eval_settings.json": EVAL_SETTINGS})
     metrics = {**{f"finetuned/{k}": v for k, v in tuned_flat.items()}, **{f"base/{k}": v for k, v in base_flat.items()}}
@@ -132,7 +137,8 @@ def privacy_artifact(store: Path, finetune_fp: str, generate_fp: str, shift: flo
 
 
 def build_run(root: Path, label: str, *, rewards=(0.2, 0.4, 0.6), tuned=None, mia_shift=0.3, seed=0,
-              operators=OPS, mode="teams_rl", salt="", overrides: list[str] | None = None) -> Path:
+              operators=OPS, mode="teams_rl", salt="", overrides: list[str] | None = None,
+              generate: dict | None = None, stderr: float | None = None, size: int | None = None) -> Path:
     """A finished run of the whole pipeline: artifacts under root/artifacts, run dir root/<label>."""
     store = root / "artifacts"
     tuned = tuned or {"arc_challenge": 0.5, "hellaswag": 0.25, "mmlu": 0.3, "truthfulqa_mc2": 0.45}
@@ -142,10 +148,10 @@ def build_run(root: Path, label: str, *, rewards=(0.2, 0.4, 0.6), tuned=None, mi
     folders["policy"] = policy_artifact(store, list(rewards), operators, salt=salt)
     calls = ({"calls/expert/evolve": 8, "calls/expert/answer": 8} if mode == "teams_rl" else
              {"calls/expert/evolve": 16, "calls/expert/answer": 16, "calls/reviewer/judge": 16})
-    folders["generate"] = generate_artifact(store, folders["policy"][0], mode, calls, 8 if mode == "teams_rl" else 12,
-                                            salt=salt)
+    size = size if size is not None else (8 if mode == "teams_rl" else 12)
+    folders["generate"] = generate_artifact(store, folders["policy"][0], mode, calls, size, salt=salt, extra=generate)
     folders["finetune"] = finetune_artifact(store, folders["generate"][0], salt=salt)
-    folders.update(evaluate_artifacts(store, folders["finetune"][0], base, tuned, salt=salt))
+    folders.update(evaluate_artifacts(store, folders["finetune"][0], base, tuned, salt=salt, stderr=stderr))
     folders["privacy"] = privacy_artifact(store, folders["finetune"][0], folders["generate"][0], mia_shift, seed,
                                           salt=salt)
     run_dir = root / label

@@ -66,7 +66,7 @@ CONFIG_CASES = [
     (["+generate.rules.op_bias.shout=1"], "operator 'shout' is not in set 'teams_rl'"),
     (["rl=fixed", "rl.schedule=[deepening,shout]"], "rl.schedule names 'shout', which is not in the operator set"),
     (["generate.rules.forced_breadth_steps=[7]"], "generate.rules.forced_breadth_steps [7] outside 1..3"),
-    (["generate.mode=chaos"], "generate.mode must be one of teams_rl, wizardlm, got 'chaos'"),
+    (["generate.mode=chaos"], "generate.mode must be one of teams_rl, wizardlm, none, got 'chaos'"),
     (["generate.schedule=random"], "generate.schedule must be one of stream, barrier, got 'random'"),
     (["filters.rouge_l.threshold=2"], "filters.rouge_l.threshold must be in (0, 1], got 2.0"),
     (["privacy.k=0"], "privacy.k is the fraction of tokens min-k% averages: (0, 1], got 0"),

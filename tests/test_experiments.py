@@ -40,14 +40,19 @@ def test_llama7b_is_the_papers_main_run(tmp_path):
     assert list(cfg.stages) == PIPELINE
     assert cfg.rl.algorithm == "trpo_paper" and cfg.rl.action_bias == {"breadth": 0.3}
     assert (cfg.policy.updates, cfg.policy.n_envs, cfg.policy.steps_per_update, cfg.policy.seed) == (200, 1, 6, 543)
-    assert list(cfg.reward.terms) == ["reviewer_judge"]
+    assert list(cfg.reward.terms) == ["reviewer_judge"] and cfg.reward.judge.strict is True  # exact "Not Equal"
+    # every evolution of the 2,980 training seeds unfiltered; non-members from 100 seeds after them
+    assert cfg.seeds.stop == 2980 and cfg.generate.heldout_seeds == 100
+    assert not any(OmegaConf.to_container(cfg.filters.elimination).values())
+    assert not cfg.filters.alpaca.enabled and not cfg.filters.rouge_l.enabled and not cfg.filters.exact_dedup
+    assert cfg.generate.policy_update == 128 and list(cfg.policy.keep_updates) == [128]  # model128.pth
     for role in ("instructor", "reviewer"):
         assert cfg[role].backend.model == "WizardLMTeam/WizardLM-13B-V1.2"
         assert cfg[role].backend._target_.endswith("HFBackend")
     assert cfg.expert.backend.model == "gpt-4-1106-preview"
     assert cfg.seeds.kind == "alpaca"
     rules = OmegaConf.to_container(cfg.generate.rules)
-    assert rules == {"op_bias": {"add_constraints": 0.7}, "forced_breadth_steps": [1, 4],
+    assert rules == {"op_bias": {"add_constraints": 0.7}, "forced_breadth_steps": [2, 5],
                      "replace_breadth_with": "add_constraints"}
     assert cfg.generate.episode_length == 6
     assert cfg.target.model == "huggyllama/llama-7b"

@@ -324,3 +324,45 @@ def test_sigkill_after_first_checkpoint_then_rerun_resumes(tmp_path):
     state = json.loads((folder / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 4, 6]  # first step, then every 2
     assert metrics["tokens"] == 2 * metrics["dataset_tokens"]  # only steps 3-6 (epochs 2 and 3) ran here
+
+
+@pytest.mark.parametrize("save", ["merged", "adapter"])
+def test_lora_trains_only_adapters_and_later_stages_load_the_result(compose, tmp_path, save):
+    """LoRA through peft: only the adapters train; `merged` saves an ordinary checkpoint, `adapter` the adapter
+    alone, which the scoring loader (privacy) and lm-eval's model args (evaluate) apply to the base model."""
+    import torch
+
+    from teams_rl.eval.harness import model_spec
+    from teams_rl.models import is_adapter, load_causal_lm, model_to_score, resolve_model
+
+    data = write_alpaca(tmp_path / "fixed.json", 8)
+    lora = ["finetune.lora.enabled=true", "finetune.lora.r=8", "finetune.lora.alpha=16", f"finetune.lora.save={save}",
+            "finetune.lora.target_modules=[q_proj,v_proj]", "target.learning_rate=3e-2"]
+    cfg = compose(finetune_overrides(data, "finetune.max_steps=12", EVERY_STEP, *lora))
+    metrics = run_pipeline(cfg, tmp_path / "run")["finetune"]
+    assert metrics["lora"] is True
+    base_model, _ = load_causal_lm("tiny_llama")
+    total = sum(p.numel() for p in base_model.parameters())
+    assert 0 < metrics["trainable_parameters"] < 0.2 * total
+    folder = finished_folder(cfg)
+    model_dir = model_to_score(None, None, folder)
+    assert is_adapter(model_dir) == (save == "adapter")
+    tuned, _ = load_causal_lm(model_dir)
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base_model.state_dict()[n])]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # only the adapted layers moved
+    assert metrics["final_loss"] < metrics["first_loss"]
+    kind, args = model_spec(model_dir, compose([]).evaluate)
+    if save == "adapter":
+        assert args["peft"] == model_dir and args["pretrained"] == resolve_model("tiny_llama")
+    else:
+        assert "peft" not in args and args["pretrained"] == model_dir
+
+
+def test_lora_settings_are_checked(compose):
+    from teams_rl.sft.lora import LoraSettings
+
+    with pytest.raises(TeamsRLError, match="finetune.lora.save"):
+        LoraSettings.from_config(compose(["finetune.lora.enabled=true", "finetune.lora.save=both"]).finetune)
+    with pytest.raises(TeamsRLError, match="finetune.lora.r must be >= 1"):
+        LoraSettings.from_config(compose(["finetune.lora.enabled=true", "finetune.lora.r=0"]).finetune)
+    assert LoraSettings.from_config(compose([]).finetune) is None

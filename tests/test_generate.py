@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, scaled_down
 from tests.generate_fakes import fake_llm_overrides
 
 # A policy stage that costs almost nothing: a fixed schedule, one tiny update, a reward without MiniLM.
@@ -190,7 +190,7 @@ def test_sigkill_resume_matches_uninterrupted_run(compose, tmp_path, monkeypatch
     calls = tmp_path / "calls.txt"
     env = {**os.environ, "EVOLFAKE_CALLS_FILE": str(calls), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "teams_rl", "logger=none", f"paths.artifacts={art}",
-           f"hydra.run.dir={tmp_path / 'hydra'}"] + overrides
+           f"hydra.run.dir={tmp_path / 'hydra'}"] + scaled_down(overrides) + overrides
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     kill_after = random.Random().randint(3, 40)  # journal lines; a full run writes 36 evolve + 33 answer
@@ -235,3 +235,61 @@ def test_sigkill_resume_matches_uninterrupted_run(compose, tmp_path, monkeypatch
     assert len(calls.read_text().splitlines()) == before
     rerun = json.loads((folder / "manifest.json").read_text())
     assert rerun["llm"] == {} and rerun["metrics"]["calls/total"] == 69
+
+
+def test_heldout_seeds_are_evolved_after_the_training_range_under_their_own_purposes(compose, tmp_path):
+    """generate.heldout_seeds=N: every training seed's records are trained on; the N seeds right after the training
+    range are evolved the same way and are the non-members, their requests counted as heldout_* purposes."""
+    import datasets
+
+    over = FIXED + ["seeds.limit=4", "generate.heldout_seeds=2", "filters=none", "generate.episode_length=2"]
+    _, m, folder, _ = _generate(compose, tmp_path, over)
+    split = datasets.load_from_disk(str(folder / "dataset"))
+    train_seeds, held_seeds = set(split["train"]["seed_id"]), set(split["heldout"]["seed_id"])
+    assert train_seeds == {"tiny-000", "tiny-001", "tiny-002", "tiny-003"} - {
+        r["seed_id"] for r in map(json.loads, (folder / "dropped.jsonl").read_text().splitlines())}
+    assert held_seeds == {"tiny-004", "tiny-005"} and m["heldout_seeds"] == 2
+    assert m["calls/expert/evolve"] == 4 * 2 and m["calls/expert/heldout_evolve"] == 2 * 2
+    assert m["calls/expert/heldout_answer"] == len(split["heldout"])
+
+
+def test_heldout_seeds_need_a_bounded_range_and_exclude_a_holdout_fraction(compose, tmp_path):
+    from teams_rl.errors import TeamsRLError
+    from teams_rl.stages import load_stage
+
+    validate = load_stage("generate").validate
+    with pytest.raises(TeamsRLError, match="bounded training range"):
+        validate(compose(["generate.heldout_seeds=2", "seeds.limit=null"]))
+    with pytest.raises(TeamsRLError, match="set one of them"):
+        validate(compose(["generate.heldout_seeds=2", "privacy.holdout_fraction=0.2"]))
+    with pytest.raises(TeamsRLError, match="only 0 seeds after"):
+        validate(compose(["generate.heldout_seeds=2", "seeds.limit=50"]))
+
+
+@pytest.mark.slow
+def test_policy_update_selects_a_kept_update_to_generate(compose, tmp_path):
+    from teams_rl.evol.agents import load_agent
+
+    over = ["rl=ppo", "policy.updates=3", "policy.steps_per_update=2", "policy.keep_updates=[1]", "generate.policy_update=1",
+            "seeds.limit=3", "stages=[policy,generate]"]
+    cfg, _, folder, manifest = _generate(compose, tmp_path, over)
+    run_manifest = json.loads((tmp_path / "run" / "run_manifest.json").read_text())
+    policy_dir = Path(run_manifest["stages"]["policy"]["folder"])
+    kept = sorted(p.name for p in (policy_dir / "checkpoints").glob("update_*"))
+    assert kept == ["update_000001", "update_000003"]  # the rolling last one + the kept update 1
+    assert load_agent(policy_dir / "checkpoints" / "update_000001").algorithm == "ppo"
+    metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
+    assert metrics["policy_update"] == 1
+
+
+def test_policy_update_must_be_kept_and_within_the_updates(compose):
+    from teams_rl.errors import TeamsRLError
+    from teams_rl.stages import load_stage
+
+    validate = load_stage("generate").validate
+    with pytest.raises(TeamsRLError, match="add it to policy.keep_updates"):
+        validate(compose(["policy.updates=5", "generate.policy_update=2"]))
+    with pytest.raises(TeamsRLError, match="trains 5 updates"):
+        validate(compose(["policy.updates=5", "generate.policy_update=9", "policy.keep_updates=[9]"]))
+    validate(compose(["policy.updates=5", "generate.policy_update=2", "policy.keep_updates=[2]"]))
+    validate(compose(["policy.updates=5", "generate.policy_update=5"]))  # the final update needs no keeping

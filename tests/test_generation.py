@@ -193,3 +193,21 @@ def test_a_failure_stops_new_requests_journals_the_rest_and_a_rerun_sends_only_w
     assert again.records() == clean
     # the rerun sent only what was missing: fewer requests than a full run
     assert 0 < healthy.backend.sent < 9 + 6
+
+
+def test_paper_rules_force_in_breadth_at_steps_2_and_5_only(tmp_path):
+    """The official loop is `for t in range(6)` with in-breadth forced at t == 1 and t == 4: 1-based steps 2, 5."""
+    import json
+
+    paper = OmegaConf.load(CONF_DIR / "generate" / "paper.yaml")
+    agent = Agent({"algorithm": "random", "operators": OPS, "episode_length": 6})  # any policy: the rules decide
+    gen, _, _ = generator(tmp_path, steps=6, rules=OmegaConf.to_container(paper.rules), agent=agent)
+    gen.run(progress=False)
+    evolved = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    evolved = [e for e in evolved if e["kind"] == "evolve"]
+    assert len(evolved) == 6 * len(SEEDS)
+    steps_in_breadth = {int(e["key"].rsplit("/", 1)[1]) for e in evolved if e["operator"] == "breadth"}
+    assert steps_in_breadth == {2, 5}
+    assert all(e["operator"] == "breadth" for e in evolved if e["key"].endswith(("/2", "/5")))
+    # step 1 of every chain is an in-depth evolution of its seed
+    assert all(e["operator"] != "breadth" for e in evolved if e["key"].endswith("/1"))

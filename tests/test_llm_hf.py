@@ -157,9 +157,20 @@ def test_bad_model_path_fails_at_construction(tmp_path):
         HFBackend("teams-rl-tests/not-a-cached-model")
 
 
-def test_cpu_always_runs_float32(tiny_llama_dir):
-    for dtype in ("bfloat16", "auto", "float32"):
-        assert HFBackend(tiny_llama_dir, dtype=dtype, device="cpu")._resolve_device_dtype() == ("cpu", "float32")
+def test_dtype_auto_takes_the_fast_one_and_names_it_in_the_model_id(tiny_llama_dir, monkeypatch):
+    from teams_rl import fast_dtype
+
+    for fast in ("float32", "bfloat16"):
+        monkeypatch.setattr(fast_dtype, "cpu_choice", lambda cache_dir=None, fast=fast: {"dtype": fast})
+        b = HFBackend(tiny_llama_dir, dtype="auto", device="cpu", show_progress=False)
+        assert (b.device_used, b.dtype_used) == ("cpu", fast)
+        assert b.model_id == f"hf/{tiny_llama_dir}" + ("?dtype=bfloat16" if fast == "bfloat16" else "")
+    explicit = HFBackend(tiny_llama_dir, dtype="bfloat16", device="cpu", show_progress=False)
+    assert explicit.dtype_used == "bfloat16"  # an explicit dtype is used as given
+    answer = explicit.complete([ChatRequest.chat("Hi", max_tokens=3, temperature=0.0)])[0]
+    assert answer.ok and str(next(explicit.model.parameters()).dtype) == "torch.bfloat16"
+    with pytest.raises(TeamsRLError, match="backend.dtype must be one of auto, float32, bfloat16, float16"):
+        HFBackend(tiny_llama_dir, dtype="fp32")
 
 
 @pytest.mark.slow
@@ -180,3 +191,19 @@ def test_smollm2_answers_coherently():
     same = gguf.complete([ChatRequest.chat("What is the capital of France?", max_tokens=16, temperature=0.0)])[0]
     gguf.close()
     assert same.text == capital.text
+
+
+def test_prefix_reuse_gives_the_same_answers_and_skips_the_shared_prefill(tiny_llama_dir):
+    """Operator prompts share a long template: with the prefix cache the template is prefilled once and reused
+    across batches, and every answer (greedy and seeded sampling) equals the plain batched prefill's."""
+    template = "You are a careful prompt rewriter. " * 12  # a long shared prefix, like an operator template
+    prompts = [f"{template}Rewrite: {topic}" for topic in ("cats", "the tax code", "volcanoes", "jazz", "rain")]
+    requests = [ChatRequest.chat(p, max_tokens=6, temperature=t, seed=i)
+                for i, p in enumerate(prompts) for t in (0.0, 0.8)]
+    plain = HFBackend(tiny_llama_dir, show_progress=False, prefix_cache=0, batch_size=4)
+    reused = HFBackend(tiny_llama_dir, show_progress=False, prefix_cache=4, batch_size=4)
+    expected = [a.text for a in plain.complete(requests)]
+    assert [a.text for a in reused.complete(requests)] == expected
+    assert reused.prefix.built >= 1 and reused.prefix.hits >= len(requests) - reused.prefix.built
+    again = reused.complete(requests)  # another call: every prefix comes from the cache
+    assert [a.text for a in again] == expected and reused.prefix.prefill_tokens_saved > 0

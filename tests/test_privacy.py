@@ -218,6 +218,10 @@ def test_privacy_stage_end_to_end(compose, tmp_path, tiny_llama_dir, memorised, 
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 64 and sum(r["member"] for r in rows) == 32
     assert json.loads((out / "metrics.json").read_text())["loss/auc"] == result["loss/auc"]
+    from teams_rl.fast_dtype import resolve_dtype
+
+    chosen = resolve_dtype("auto", "cpu", cfg.paths.cache)  # privacy.dtype: auto, the fast one of this machine
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == {"target": chosen, "reference": chosen}
 
 
 def test_privacy_needs_finetune_and_generate_unless_paths_given(compose, tmp_path):

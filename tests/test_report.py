@@ -103,13 +103,28 @@ def test_report_stage_tables_match_the_metrics_files(two_runs, rendered):
     assert costs["calls: all roles"][1:4] == ["16", "48", "33.33%"]
     assert costs["dataset size (final instructions)"][1:4] == ["8", "12", "66.67%"]
     assert "5.73%" in costs["calls: all roles"][4]
-    assert metrics["expert_query_ratio"] == pytest.approx(0.5)
-    assert metrics["dataset_size_ratio"] == pytest.approx(8 / 12)
+    # the claims: TeaMs-RL as measured / WizardLM's measured per-seed cost x 52,002 seeds
+    wizard_x, wizard_pairs_x = round(48 / 4 * 52002), round(12 / 4 * 52002)      # 624,024 and 156,006
+    claims_csv = read_csv(out_dir / "query_claims.csv")
+    assert claims_csv["expert queries, TeaMs-RL / WizardLM"][1:4] == ["16", str(wizard_x), "0.0026%"]
+    assert claims_csv["dataset size, TeaMs-RL / WizardLM"][1:4] == ["8", str(wizard_pairs_x), "0.0051%"]
+    assert claims_csv["all queries incl. policy training, TeaMs-RL / WizardLM"][1] == "40"   # 16 + 12 + 12
+    assert claims_csv["per seed (both measured): expert queries per seed / WizardLM queries per seed"][1:4] == [
+        "4.0", "12.0", "33.33%"]
+    parts = read_csv(out_dir / "query_claim_parts.csv")
+    wizard_row = parts["WizardLM baseline: queries (evolve + answer + judge, elimination retries included)"]
+    assert wizard_row[1:5] == ["4", "48", "12.0", str(wizard_x)]
+    assert "624,024" in wizard_row[5]
+    assert parts["TeaMs-RL run: expert queries (evolve + answer)"][4] == "not extrapolated"
+    assert metrics["expert_query_ratio"] == pytest.approx(16 / wizard_x)
+    assert metrics["dataset_size_ratio"] == pytest.approx(8 / wizard_pairs_x)
+    assert metrics["expert_query_ratio_per_seed"] == pytest.approx(4 / 12)
     assert metrics["loss_auc"] == pytest.approx(pm["loss/auc"])
 
     claims = read_csv(out_dir / "claims.csv")
     assert claims["expert queries, TeaMs-RL / WizardLM"][1] == "5.73%"
-    assert claims["expert queries, TeaMs-RL / WizardLM"][3] == "50.00%"
+    assert claims["expert queries, TeaMs-RL / WizardLM"][3] == "0.0026%"
+    assert "measured on 4 seeds, x 52,002" in claims["expert queries, TeaMs-RL / WizardLM"][4]
     assert claims["ARC of the fine-tuned model (%)"][1:2] + claims["ARC of the fine-tuned model (%)"][3:4] == [
         "54.35", "50.00"]
     assert claims["membership-inference AUC, baseline model"][3].startswith(

@@ -5,7 +5,8 @@ the same pass one sequence at a time (batch size 1), on tiny_llama and SmolLM2-1
 Sequences are Alpaca-formatted instruction/response pairs of generated-data length. Both passes run
 `--repeats` times, alternating, and the fastest run of each is kept (the machine may be shared); this is
 done with 1 torch thread and with torch's default count; the maximum log-prob difference
-between the two passes is reported (it must be at float32 round-off).
+between the two passes is reported (it must be at the dtype's round-off). The models run in the dtype
+`privacy.dtype: auto` chooses on this machine (`teams_rl.fast_dtype`), as the privacy stage does.
 Writes experiments/bench/results/privacy_scoring.json.
 """
 
@@ -16,15 +17,20 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from teams_rl.errors import TeamsRLError
-from teams_rl.eval import mia
-from teams_rl.models import load_causal_lm
-from teams_rl.sft.data import format_prompt
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.bench._common import machine  # noqa: E402
+from teams_rl.errors import TeamsRLError  # noqa: E402
+from teams_rl.eval import mia  # noqa: E402
+from teams_rl.fast_dtype import resolve_dtype  # noqa: E402
+from teams_rl.models import load_causal_lm  # noqa: E402
+from teams_rl.sft.data import format_prompt  # noqa: E402
 
 RESULT = Path(__file__).resolve().parent / "results" / "privacy_scoring.json"
 TOPICS = ["volcanoes", "tax law", "bird migration", "sourdough bread", "jazz history", "coral reefs",
@@ -60,7 +66,8 @@ def bench_model(name: str, n: int, batch_size: int, repeats: int, threads: int) 
     import torch
 
     torch.set_num_threads(threads)
-    model, tok = load_causal_lm(name)
+    dtype = resolve_dtype("auto", "cpu")  # the privacy stage's default; measured per thread count
+    model, tok = load_causal_lm(name, dtype=dtype)
     prompts, responses = pairs(n)
     encoded = mia.encode_pairs(tok, prompts, responses)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -76,6 +83,7 @@ def bench_model(name: str, n: int, batch_size: int, repeats: int, threads: int) 
                  for i in range(0, len(ordered), batch_size))
     return {
         "model": name,
+        "dtype": dtype,
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": threads,
         "sequences": n,
@@ -116,13 +124,14 @@ def main() -> None:
                 print(f"{name}: skipped ({err})")
                 break
             rows.append(row)
-            print(f"{name:11s} {t} thread(s), {row['sequences']} seqs ({row['tokens_mean']:.0f} tokens, "
+            print(f"{name:11s} {row['dtype']}, {t} thread(s), {row['sequences']} seqs ({row['tokens_mean']:.0f} tokens, "
                   f"{row['scored_tokens_mean']:.0f} scored): one at a time {row['one_at_a_time_seq_per_s']:.1f} seq/s, "
                   f"batched (bs {row['batch_size']}) {row['batched_seq_per_s']:.1f} seq/s -> {row['speedup']:.2f}x "
                   f"(target >= 4x); max |diff| {row['max_abs_logprob_diff']:.1e}", flush=True)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps({"benchmark": "privacy_scoring", "target_speedup": 4.0, "results": rows,
                                   "skipped": skipped, "machine": platform.platform(), "cpu_count": os.cpu_count(),
+                                  "machine_figures": machine(),
                                   "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]}}, indent=2))
     print(f"wrote {RESULT}")
 

@@ -3,10 +3,10 @@
 Engine: 2,000 distinct requests through `LLMClient` (no cache) -> `OpenAIBackend` with max_concurrency 64,
 against the loopback server (tests/loopback_server.py, run as its own process so that client and server do
 not share one GIL) answering every request after 100 ms. The ideal is concurrency / latency = 640 requests/s;
-the target is >= 0.9 of it. Measured twice: with all 2,000 requests in one client chunk (the engine's own
-throughput, the headline) and with LLMClient's default chunk size, which waits for each chunk to finish
-before sending the next (the pipeline drains and refills at every chunk boundary). Each repeats `--repeats`
-times, interleaved, and the fastest run counts (other processes may share the CPU); every run is reported.
+the target is >= 0.9 of it. `client.complete` streams all 2,000 requests through the client's scheduler with
+at most `max_concurrency` in flight (an async backend is never sent in chunks: each finished request frees its
+slot for the next). Repeated `--repeats` times; the fastest run counts (other processes may share the CPU) and
+every run is reported.
 Baseline: the official TeaMs-RL expert loop, one request at a time with the sync `openai.OpenAI` client and
 `time.sleep(2)` before each call, on 20 requests against the same server.
 Writes experiments/bench/results/request_engine.json.
@@ -15,7 +15,6 @@ Writes experiments/bench/results/request_engine.json.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -71,8 +70,8 @@ def _autogroup() -> str | None:
         return None
 
 
-def engine_run(backend: OpenAIBackend, n: int, run: str, chunk_size: int) -> dict:
-    client = LLMClient("expert", backend, cache=None, chunk_size=chunk_size)
+def engine_run(backend: OpenAIBackend, n: int, run: str) -> dict:
+    client = LLMClient("expert", backend, cache=None)
     requests = [ChatRequest.chat(f"Rewrite instruction {run}-{i} to be more specific.", max_tokens=64,
                                  temperature=0.7, top_p=0.95, seed=i, purpose="evolve") for i in range(n)]
     retries_before = backend.stats.retries
@@ -84,7 +83,7 @@ def engine_run(backend: OpenAIBackend, n: int, run: str, chunk_size: int) -> dic
     if failed:
         raise SystemExit(f"{len(failed)} engine requests failed, e.g. {failed[0]}")
     latencies = np.array([a.latency_s for a in answers])
-    return {"chunk_size": chunk_size, "seconds": round(seconds, 3), "requests_per_s": round(n / seconds, 1),
+    return {"seconds": round(seconds, 3), "requests_per_s": round(n / seconds, 1),
             "client_cpu_ms_per_request": round(1000 * cpu / n, 3),
             "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
             "latency_p99_s": round(float(np.percentile(latencies, 99)), 4),
@@ -124,12 +123,10 @@ def main() -> None:
         backend = OpenAIBackend("loopback-model", base_url=server.base_url, api_key_env=KEY_ENV,
                                 max_concurrency=args.concurrency, timeout_s=30, progress=False)
         backend.complete([ChatRequest.chat(f"warm-up {i}") for i in range(args.concurrency)])
-        default_chunk = inspect.signature(LLMClient).parameters["chunk_size"].default
-        runs: dict[int, list[dict]] = {size: [] for size in (args.requests, default_chunk)}  # one key if equal
+        runs: list[dict] = []
         for run in range(args.repeats):
-            for chunk_size, chunk_runs in runs.items():
-                chunk_runs.append(engine_run(backend, args.requests, f"{run}-{chunk_size}", chunk_size))
-                print(f"engine run {run + 1}/{args.repeats}: {chunk_runs[-1]}", flush=True)
+            runs.append(engine_run(backend, args.requests, str(run)))
+            print(f"engine run {run + 1}/{args.repeats}: {runs[-1]}", flush=True)
         server_stats = server.stats()
         backend.close()
         print(f"baseline: {args.baseline_requests} requests, sleep {args.baseline_sleep_s} s before each ...",
@@ -139,7 +136,7 @@ def main() -> None:
         server.close()
 
     ideal = args.concurrency / args.latency_s
-    best, best_default = (max(runs[size], key=lambda x: x["requests_per_s"]) for size in (args.requests, default_chunk))
+    best = max(runs, key=lambda x: x["requests_per_s"])
     result = {
         "setup": {"requests": args.requests, "concurrency": args.concurrency, "server_latency_s": args.latency_s,
                   "repeats": args.repeats, "baseline_requests": args.baseline_requests,
@@ -148,10 +145,7 @@ def main() -> None:
                   "autogroup": _autogroup(), "python": platform.python_version()},
         "ideal_requests_per_s": ideal,
         "engine": {**best, "fraction_of_ideal": round(best["requests_per_s"] / ideal, 3),
-                   "runs": runs[args.requests], "server_max_in_flight": server_stats["max_in_flight"]},
-        "engine_default_chunks": {**best_default,
-                                  "fraction_of_ideal": round(best_default["requests_per_s"] / ideal, 3),
-                                  "runs": runs[default_chunk]},
+                   "runs": runs, "server_max_in_flight": server_stats["max_in_flight"]},
         "baseline": baseline,
         "speedup_vs_baseline": round(best["requests_per_s"] / baseline["requests_per_s"], 1),
         "target_fraction_of_ideal": 0.9,
@@ -163,8 +157,6 @@ def main() -> None:
     print(f"\nengine:   {best['requests_per_s']:.1f} requests/s = {result['engine']['fraction_of_ideal']:.3f} of the "
           f"ideal {ideal:.0f}/s (target 0.9; server peak in flight {server_stats['max_in_flight']}; "
           f"client CPU {best['client_cpu_ms_per_request']} ms/request)")
-    print(f"engine, LLMClient chunks of {default_chunk}: {best_default['requests_per_s']:.1f} requests/s = "
-          f"{result['engine_default_chunks']['fraction_of_ideal']:.3f} of the ideal")
     print(f"baseline: {baseline['requests_per_s']:.4f} requests/s (sleep {args.baseline_sleep_s} s + one call at a time)")
     print(f"ratio:    {result['speedup_vs_baseline']}x the official loop's rate")
     print(f"wrote {RESULT.relative_to(REPO)}")

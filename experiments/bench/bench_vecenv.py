@@ -31,6 +31,10 @@ def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from teams_rl.config_groups import register_role_groups
+
+    register_role_groups()
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=["logger=none"])
 
@@ -50,7 +54,7 @@ class CountingClient:
         return getattr(self.client, name)
 
 
-def build(cfg, n: int, max_tokens: int):
+def build(cfg, n: int, max_tokens: int, prefix_cache: int | None = None):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -61,7 +65,8 @@ def build(cfg, n: int, max_tokens: int):
     from teams_rl.evol.seeds import load_seeds
     from teams_rl.llm.client import LLMClient
 
-    backend = instantiate(OmegaConf.to_container(cfg.instructor.backend, resolve=True), show_progress=False)
+    extra = {} if prefix_cache is None else {"prefix_cache": prefix_cache}
+    backend = instantiate(OmegaConf.to_container(cfg.instructor.backend, resolve=True), show_progress=False, **extra)
     client = CountingClient(LLMClient("instructor", backend, cache=None,
                                       sampling=OmegaConf.to_container(cfg.instructor.sampling, resolve=True)))
     opset = load_operator_set(cfg.operators)
@@ -77,6 +82,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="alternating batched / one-at-a-time rounds")
     parser.add_argument("--max-tokens", type=int, default=None, help="default: policy.max_tokens of the config")
+    parser.add_argument("--prefix-cache", type=int, default=None,
+                        help="the hf backend's prefix KV cache entries (default: the config's; 0 = off)")
     args = parser.parse_args()
 
     import numpy as np
@@ -87,7 +94,7 @@ def main() -> None:
 
     cfg = compose()
     max_tokens = args.max_tokens or int(cfg.policy.max_tokens)
-    client, new_envs, VecEnvCls = build(cfg, args.n, max_tokens)
+    client, new_envs, VecEnvCls = build(cfg, args.n, max_tokens, args.prefix_cache)
     client.complete([ChatRequest.chat("Say hi.", max_tokens=4, seed=1)])  # load the model before timing
     encode(["warm up the embedding model"])
     actions = np.random.default_rng(0).integers(0, 6, size=args.n)
@@ -125,6 +132,7 @@ def main() -> None:
         "n_envs": args.n,
         "repeats": args.repeats,
         "max_tokens": max_tokens,
+        "prefix_cache": getattr(client.backend, "prefix", None) is not None,
         "instructor": client.model_id,
         "batched_wall_s": round(wall["batched"], 2),
         "one_at_a_time_wall_s": round(wall["one_at_a_time"], 2),

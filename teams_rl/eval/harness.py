@@ -126,7 +126,11 @@ def model_spec(model_path: str, ecfg) -> tuple[str, dict]:
     backend = str(ecfg.get("backend", "hf"))
     dtype = str(ecfg.get("dtype", "float32"))
     if backend == "hf":
+        from teams_rl.models import adapter_base, is_adapter
+
         args = {"pretrained": model_path, "dtype": dtype}
+        if is_adapter(model_path):  # a LoRA adapter: lm-eval applies it to its base model
+            args = {"pretrained": adapter_base(model_path), "peft": model_path, "dtype": dtype}
         if ecfg.get("max_length"):
             args["max_length"] = int(ecfg.max_length)
         return "hf", args

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from teams_rl import config as C
-
-
-def word_lengths(texts: Sequence[str]) -> list[int]:
-    return [len(t.split()) for t in texts]
+from teams_rl.evol import quality
+from teams_rl.evol.quality import distinct_n, word_lengths
 
 
 def length_summary(lengths: Sequence[int]) -> dict:
@@ -23,16 +21,6 @@ def length_summary(lengths: Sequence[int]) -> dict:
     arr = np.asarray(lengths, dtype=float)
     return {"mean": round(float(arr.mean()), 3), "median": float(np.median(arr)),
             "p90": float(np.percentile(arr, 90)), "min": int(arr.min()), "max": int(arr.max())}
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique n-grams / all n-grams over lower-cased whitespace tokens (Li et al. 2016)."""
-    grams: Counter = Counter()
-    for text in texts:
-        tokens = text.lower().split()
-        grams.update(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
-    total = sum(grams.values())
-    return round(len(grams) / total, 4) if total else 0.0
 
 
 def embedding_diversity(texts: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray] | None = None) -> float | None:
@@ -119,6 +107,12 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def _quality_card(section: dict | None) -> str:
+    if not section or not section.get("enabled"):
+        return quality.describe(section)
+    return _md_table(*quality.table_rows(section)) + "\n\n" + quality.describe(section)
+
+
 def write_card(out_dir: str | Path, cfg, metrics: dict, stats: dict, operators: Sequence[str],
                policy_manifest: dict | None, expert_model: str) -> Path:
     """The dataset card `README.md`: how the data was made, counts, filters, query accounting, config."""
@@ -136,7 +130,13 @@ def write_card(out_dir: str | Path, cfg, metrics: dict, stats: dict, operators: 
                     "`rl=random`) picked an operator, the expert evolved the seed's current instruction, answered "
                     "it, and the evolution passed WizardLM's elimination rules or was dropped; a dropped evolution "
                     "was retried from its parent in the next round.",
+        "none": "No evolution: the expert answered each seed instruction once (one record per seed, step 0).",
     }[mode]
+    if "budget_capped" in metrics:  # generate.on_budget=cap
+        how += (f" Expert query budget: {metrics['budget/max_expert_queries']:,} (`expert.budget.max_queries`); "
+                f"{metrics['budget/expert_queries']:,} needed; "
+                + (f"it ended the data after {metrics['seeds']} of {metrics['seeds_configured']} seeds (a refused "
+                   "request is not data)." if metrics["budget_capped"] else "every seed fit."))
     calls = sorted((k, v) for k, v in metrics.items() if k.startswith(("calls/", "sent/", "truncated/")))
     drops = stats.get("dropped_by_reason", {})
     seeds_cfg = C.plain(cfg.get("seeds")) or {}
@@ -186,6 +186,9 @@ that reached a backend (cache misses).
     ])}
 
 Operator mix: {json.dumps(stats['operator_mix'])}. Plots: `lengths.png`, `operators.png`.
+
+## Quality per operator and step
+{_quality_card(stats.get('quality'))}
 
 ## Files
 - `dataset/`: `datasets.load_from_disk(...)` -> DatasetDict with `train` and `heldout` (columns: id, seed_id,

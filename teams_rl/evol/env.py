@@ -232,6 +232,7 @@ def step_envs(envs: Sequence[InstructionEvolutionEnv], actions: Sequence) -> lis
             "rejected": rewrites[i].rejected,
             "changed": bool(changed[i]),
             "raw_output": rewrites[i].raw,
+            "cleaning": list(rewrites[i].cleaning),  # kinds of clean_rewrite cleaning the reply needed
             "reward_terms": {name: float(v[i]) for name, v in result.terms.items()},
             "queries": {"instructor": 1, "reviewer": int(result.reviewer_queries[i])},
             "episode_queries": dict(ep.queries),

@@ -5,17 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from teams_rl.evol.operators import OperatorSet, clean_rewrite
+from teams_rl.evol.operators import OperatorSet, clean_rewrite_counted
 from teams_rl.llm.types import ChatRequest, Completion
 
 
 @dataclass
 class Rewrite:
-    """One operator application: the cleaned instruction (None when rejected or failed) and the raw answer."""
+    """One operator application: the cleaned instruction (None when rejected or failed), the raw answer, the
+    kinds of cleaning applied (`teams_rl.evol.cleaning.KINDS`) and why an answer was rejected."""
 
     text: str | None
     raw: str
     completion: Completion
+    cleaning: tuple[str, ...] = ()
+    rejected_as: str | None = None
 
     @property
     def rejected(self) -> bool:
@@ -29,10 +32,14 @@ def evolve_request(opset: OperatorSet, op: int, instruction: str, seed: int | No
                             seed=None if seed is None else int(seed), purpose=purpose)
 
 
-def to_rewrite(completion: Completion, min_words: int = 3) -> Rewrite:
-    """The cleaned instruction inside an answer (None: the answer is no usable rewrite, or the request failed)."""
-    text = clean_rewrite(completion.text, min_words=min_words) if completion.ok else None
-    return Rewrite(text=text, raw=completion.text or "", completion=completion)
+def to_rewrite(completion: Completion, min_words: int = 3, template: str | None = None) -> Rewrite:
+    """The cleaned instruction inside an answer (None: the answer is no usable rewrite, or the request failed).
+    `template`: the operator's template, so that lines the model copied from it are dropped."""
+    if not completion.ok:
+        return Rewrite(text=None, raw=completion.text or "", completion=completion)
+    cleaned = clean_rewrite_counted(completion.text, min_words=min_words, template=template)
+    return Rewrite(text=cleaned.text, raw=completion.text or "", completion=completion, cleaning=cleaned.actions,
+                   rejected_as=cleaned.rejected)
 
 
 def evolve_detailed(client, opset: OperatorSet, instructions: Sequence[str], op_ids: Sequence[int],
@@ -48,7 +55,8 @@ def evolve_detailed(client, opset: OperatorSet, instructions: Sequence[str], op_
     requests = [evolve_request(opset, op, text, None if seeds is None else seeds[i], purpose, max_tokens=max_tokens,
                                temperature=temperature)
                 for i, (text, op) in enumerate(zip(instructions, op_ids, strict=True))]
-    return [to_rewrite(c, min_words) for c in client.complete(requests)]
+    return [to_rewrite(c, min_words, opset[int(op)].template)
+            for c, op in zip(client.complete(requests), op_ids, strict=True)]
 
 
 def evolve(client, opset: OperatorSet, instructions: list[str], op_ids: list[int], seeds: list[int] | None = None,

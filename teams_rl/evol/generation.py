@@ -12,6 +12,13 @@ Modes:
             answers and filters come after the chains.
   wizardlm  WizardLM's Evol-Instruct: every round's evolution is answered and judged at once; an evolution
             that fails elimination is dropped and the next round retries from its parent.
+  none      no evolution: the expert answers each seed instruction once (one record per seed, step 0); no
+            policy is needed.
+
+Budget (`generate.on_budget`): `stop` (default) ends the run at a role's budget (exit 3, a rerun with a larger
+budget resumes); `cap` makes `expert.budget.max_queries` the size of the data: seeds are evolved in order while
+they fit (`teams_rl.evol.budget_cap`), a refused request is never a record, and the run commits what fit and
+says it was budget-capped.
 
 Every LLM result is appended to a `Journal` keyed by (seed id, step) as soon as its call returns, so a killed
 run resumes where it stopped and a finished one re-run sends no query. The engine takes LLM clients (anything
@@ -29,6 +36,8 @@ import numpy as np
 
 from teams_rl import config as C
 from teams_rl.errors import BudgetExceeded, TeamsRLError
+from teams_rl.evol.cleaning import KINDS as CLEANING_KINDS
+from teams_rl.evol.cleaning import REJECTIONS
 from teams_rl.evol.evolution import evolve_request, to_rewrite
 from teams_rl.evol.filters import RULE1, FilterSettings, TextRules
 from teams_rl.evol.journal import Journal
@@ -37,10 +46,12 @@ from teams_rl.llm.client import Scheduler
 from teams_rl.llm.failures import FailureBudget
 from teams_rl.llm.types import ChatRequest, Completion
 
-MODES = ("teams_rl", "wizardlm")
+MODES = ("teams_rl", "wizardlm", "none")
 SCHEDULES = ("stream", "barrier")
+ON_BUDGET = ("stop", "cap")
 EVOLUTION_FAILED = "evolution_failed"
 ANSWER_FAILED = "answer_failed"
+BUDGET_CAPPED = "budget_capped"   # its requests were not all sent before the expert budget ran out
 COLUMNS = ("id", "seed_id", "step", "operator", "parent_id", "parent_instruction", "instruction", "input", "output")
 
 
@@ -70,6 +81,9 @@ def build_rules(gen, opset) -> Rules:
     if isinstance(forced_list, (str, int)) or any(isinstance(s, bool) or not isinstance(s, int) for s in forced_list):
         raise TeamsRLError(f"generate.rules.forced_breadth_steps must be a list of 1-based steps, got {forced_list!r}")
     forced = frozenset(forced_list)
+    if forced and C.get(gen, "mode") == "none":
+        raise TeamsRLError("generate.mode=none evolves nothing: generate.rules.forced_breadth_steps must be empty, "
+                           f"got {sorted(forced)}")
     steps = C.integer({"generate": gen}, "generate.episode_length", minimum=1)
     bad = sorted(s for s in forced if not 1 <= s <= steps)
     if bad:
@@ -103,6 +117,7 @@ class GenerationSettings:
     answer_max_tokens: int | None
     answer_temperature: float | None
     schedule: str = "stream"
+    on_budget: str = "stop"
 
     @classmethod
     def from_config(cls, gen) -> GenerationSettings:
@@ -110,8 +125,14 @@ class GenerationSettings:
         g = {"generate": gen}
         mode = C.choice(g, "generate.mode", MODES, default="teams_rl")
         schedule = C.choice(g, "generate.schedule", SCHEDULES, default="stream")
+        on_budget = C.choice(g, "generate.on_budget", ON_BUDGET, default="stop")
+        if on_budget == "cap" and schedule != "stream":
+            raise TeamsRLError("generate.on_budget=cap needs generate.schedule=stream (seeds start in order as "
+                               "the budget allows)")
         steps = C.integer(g, "generate.episode_length", minimum=1)
-        return cls(mode=mode, schedule=schedule, steps=steps,
+        if mode == "none":
+            steps = 0  # the expert answers the seeds; episode_length does not apply
+        return cls(mode=mode, schedule=schedule, steps=steps, on_budget=on_budget,
                    merge_input=C.boolean(g, "generate.merge_input", default=True),
                    deterministic=C.boolean(g, "generate.deterministic", default=True),
                    evolve_max_tokens=C.integer(g, "generate.evolve.max_tokens", minimum=1, optional=True),
@@ -170,8 +191,8 @@ class Generator:
 
     def __init__(self, settings: GenerationSettings, rules: Rules, filters: FilterSettings, agent, opset,
                  seeds: list[Seed], journal: Journal, expert, reviewer: Callable | None = None, base_seed: int = 0,
-                 failures: FailureBudget | None = None):
-        if list(agent.operators) != opset.names:
+                 failures: FailureBudget | None = None, heldout_ids: frozenset[str] = frozenset()):
+        if settings.mode != "none" and list(agent.operators) != opset.names:
             raise TeamsRLError(f"the policy was trained on operators {agent.operators} but "
                                f"operators={opset.name} has {opset.names}; use the same operator set")
         self.s = settings
@@ -190,12 +211,34 @@ class Generator:
         self.base_seed = int(base_seed)
         self.seed_by_id = {s.id: s for s in seeds}
         self.failures = failures
+        self.heldout_ids = frozenset(heldout_ids)  # seeds evolved for the non-member set: their own purposes
         self._judge = None
         self._sched: Scheduler | None = None
         self._pending: set[tuple[str, str]] = set()
         self._failed: list[Completion] = []
         self._budget_stop: str | None = None
         self._bar = None
+        self._budget_role = "expert"      # whose budget stopped the run
+        self.cap = self._budget_cap(settings, expert)
+        self._pending_by_seed: Counter = Counter()
+
+    @staticmethod
+    def _budget_cap(settings: GenerationSettings, expert):
+        """`generate.on_budget=cap`: the expert role's `max_queries` bounds the data (None: no cap)."""
+        if settings.on_budget != "cap":
+            return None
+        from teams_rl.evol.budget_cap import BudgetCap, per_seed_max
+
+        budget = getattr(expert, "budget", None)
+        if budget is None or budget.max_queries is None:
+            raise TeamsRLError("generate.on_budget=cap needs expert.budget.max_queries (the expert queries the "
+                               "data may cost)")
+        return BudgetCap(int(budget.max_queries), per_seed_max(settings.mode, settings.steps))
+
+    @property
+    def capped(self) -> bool:
+        """True when the expert budget ended the data before every seed was generated."""
+        return self.cap is not None and self._budget_stop is not None and self._budget_role == "expert"
 
     # -- policy ------------------------------------------------------------------------------------
     def choose_op(self, chain: Chain, step: int) -> int:
@@ -213,19 +256,23 @@ class Generator:
     def _evolve_request(self, chain: Chain, step: int) -> tuple[ChatRequest, int]:
         op = self.choose_op(chain, step)
         return evolve_request(self.opset, op, chain.text, stable_int(self.base_seed, chain.seed.id, step, "evolve"),
-                              max_tokens=self.s.evolve_max_tokens, temperature=self.s.evolve_temperature), op
+                              self.purpose("evolve", chain.seed.id), max_tokens=self.s.evolve_max_tokens, temperature=self.s.evolve_temperature), op
 
     def _answer_request(self, evolved: dict) -> ChatRequest:
         return ChatRequest.chat(self.prompt_of(evolved), system=self.s.answer_system,
                                 max_tokens=self.s.answer_max_tokens, temperature=self.s.answer_temperature,
-                                purpose="answer", seed=stable_int(self.base_seed, evolved["seed_id"], evolved["step"],
+                                purpose=self.purpose("answer", evolved["seed_id"]), seed=stable_int(self.base_seed, evolved["seed_id"], evolved["step"],
                                                                   "answer"))
 
     def _judge_request(self, evolved: dict) -> ChatRequest:
         judge = self._get_judge()
         return ChatRequest.chat(judge.render(evolved["parent"], evolved["instruction"]), max_tokens=judge.max_tokens,
-                                purpose="judge",
+                                purpose=self.purpose("judge", evolved["seed_id"]),
                                 seed=stable_int(self.base_seed, evolved["seed_id"], evolved["step"], "judge"))
+
+    def purpose(self, kind: str, seed_id: str) -> str:
+        """The accounting purpose of a request: `heldout_<kind>` for the extra non-member seeds."""
+        return f"heldout_{kind}" if seed_id in self.heldout_ids else kind
 
     def _get_judge(self):
         from teams_rl.evol.rewards import Judge
@@ -244,11 +291,18 @@ class Generator:
             client = self._reviewer()
         else:
             client = self.expert
+        seed_id = key.rsplit("/", 1)[0]
+        if kind != "judge" and self.cap is not None and not self.cap.charge(seed_id):
+            self._budget_stop = self.cap.refused  # the refused request is not sent, and nothing after it
+            return
         self._pending.add((kind, key))
+        self._pending_by_seed[seed_id] += 1
         self._sched.submit(client, request, tag=(kind, key, extra), priority=priority)
 
     def _priority(self, kind: str, step: int) -> float:
         """Lower goes first: the more requests still wait behind this one on its chain, the more urgent."""
+        if self.mode == "none":
+            return 0.0
         if self.mode == "teams_rl":
             return -(self.steps - step + 1) if kind == "evolve" else 0.0
         per_step = 3 if self.filters.no_info_gain else 2
@@ -258,8 +312,9 @@ class Generator:
     # -- results -> journal ------------------------------------------------------------------------
     def _record(self, kind: str, key: str, completion: Completion, extra: dict | None) -> dict:
         if kind == "evolve":
-            rewrite = to_rewrite(completion, self.s.min_words)
+            rewrite = to_rewrite(completion, self.s.min_words, self.opset[extra["op_index"]].template)
             return {"kind": "evolve", "key": key, **extra, "instruction": rewrite.text, "raw": rewrite.raw,
+                    "cleaning": list(rewrite.cleaning), "rejected_as": rewrite.rejected_as,
                     "error": None, "cached": completion.cached, "truncated": completion.truncated}
         if kind == "answer":
             return {"kind": "answer", "key": key, "output": completion.text.strip(), "error": None,
@@ -280,8 +335,10 @@ class Generator:
         rows = []
         for (kind, key, extra), completion in self._sched.wait():
             self._pending.discard((kind, key))
+            self._pending_by_seed[key.rsplit("/", 1)[0]] -= 1
             if completion.error_kind == "budget":
                 self._budget_stop = completion.error
+                self._budget_role = "reviewer" if kind == "judge" else "expert"
             elif not completion.ok:
                 self._failed.append(completion)
             else:
@@ -322,10 +379,22 @@ class Generator:
     def _advance(self, chain: Chain, last_phase: int | None = None) -> None:
         """Send what `chain` needs next, replaying whatever the journal already holds. `last_phase` (barrier
         schedule) holds back requests of later phases."""
-        if self.mode == "wizardlm":
+        if self.mode == "none":
+            self._advance_none(chain)
+        elif self.mode == "wizardlm":
             self._advance_wizardlm(chain, last_phase)
         else:
             self._advance_teams(chain, last_phase)
+
+    def _advance_none(self, chain: Chain) -> None:
+        """No evolution: the seed itself is the instruction, answered once (record key `<seed>/0`)."""
+        key = record_key(chain.seed.id, 0)
+        if self.journal.get("answer", key) is None:
+            self._submit("answer", key, self._answer_request(self.seed_record(chain.seed)), self._priority("answer", 0))
+
+    def seed_record(self, seed: Seed) -> dict:
+        """A seed as the step-0 "evolution" of mode none (what `prompt_of` and the records read)."""
+        return {"seed_id": seed.id, "step": 0, "instruction": start_text(seed, self.merge_input)}
 
     def _advance_teams(self, chain: Chain, last_phase: int | None) -> None:
         while chain.step <= self.steps:
@@ -376,11 +445,13 @@ class Generator:
 
         chains = {s.id: Chain(s, start_text(s, self.merge_input), s.id) for s in self.seeds}
         self._sched = Scheduler()
-        done = self.journal.count("evolve")
-        self._bar = tqdm(total=len(chains) * self.steps, initial=done, desc=f"generate ({self.mode}, {self.s.schedule})",
-                         unit="evolution", disable=not progress)
+        kind = "answer" if self.mode == "none" else "evolve"
+        self._bar = tqdm(total=len(chains) * max(self.steps, 1), initial=self.journal.count(kind),
+                         desc=f"generate ({self.mode}, {self.s.schedule})", unit=kind, disable=not progress)
         try:
-            if self.s.schedule == "barrier":
+            if self.cap is not None:
+                self._run_capped(chains)
+            elif self.s.schedule == "barrier":
                 self._run_barrier(chains)
             else:
                 self._run_stream(chains)
@@ -396,8 +467,39 @@ class Generator:
             for row in self._collect():
                 self._advance(chains[row["key"].rsplit("/", 1)[0]])
 
+    def _run_capped(self, chains: dict[str, Chain]) -> None:
+        """The stream schedule, with seeds started in order while the expert budget holds them (`BudgetCap`)."""
+        self.cap.count_journal(self.journal)
+        order = list(chains.values())
+        nxt = 0
+
+        def settle(chain: Chain) -> None:
+            if chain.seed.id in self.cap.running and not self._pending_by_seed[chain.seed.id]:
+                self.cap.finish(chain.seed.id)  # nothing in flight and nothing left to send
+
+        while True:
+            while nxt < len(order) and not (self._failed or self._budget_stop):
+                if not self.cap.fits_next() and self.cap.running:
+                    break  # wait until a running seed's real cost is known
+                if self.cap.exhausted():  # seeds are left but not one more request fits
+                    self.cap.charge(order[nxt].seed.id)
+                    self._budget_stop = self.cap.refused
+                    break
+                chain = order[nxt]
+                nxt += 1
+                self.cap.start(chain.seed.id)
+                self._advance(chain)
+                settle(chain)
+            if not self._sched.busy:
+                return
+            for row in self._collect():
+                chain = chains[row["key"].rsplit("/", 1)[0]]
+                self._advance(chain)
+                settle(chain)
+
     def _run_barrier(self, chains: dict[str, Chain]) -> None:
-        phases = self.steps + 2 if self.mode == "teams_rl" else 3 * self.steps  # teams_rl: steps, answers, judges
+        # phases: teams_rl = steps, answers, judges; wizardlm = evolve, answer, judge per round; none = answers
+        phases = {"teams_rl": self.steps + 2, "wizardlm": 3 * self.steps, "none": 1}[self.mode]
         for phase in range(1, phases + 1):
             for chain in chains.values():
                 self._advance(chain, last_phase=phase)
@@ -407,8 +509,8 @@ class Generator:
                 return
 
     def _raise_if_stopped(self, chains: dict[str, Chain]) -> None:
-        if not (self._failed or self._budget_stop):
-            return
+        if not (self._failed or self._budget_stop) or (self.capped and not self._failed):
+            return  # done, or the expert budget ended the data (generate.on_budget=cap)
         unfinished = sum(1 for c in chains.values() if c.step <= self.steps)
         kept = f"{len(self.journal)} results journaled, {unfinished} of {len(chains)} chains unfinished"
         if self._failed:
@@ -444,13 +546,25 @@ class Generator:
         return None
 
     # -- results -----------------------------------------------------------------------------------
+    def _unfinished(self, key: str) -> bool:
+        """A usable evolution whose answer (or judgement) was never sent: the expert budget ended first."""
+        if self.journal.get("answer", key) is None:
+            return True
+        return self.filters.no_info_gain and self.journal.get("judge", key) is None
+
     def records(self) -> list[dict]:
-        """Every evolution in seed and step order, with lineage, answer and (if already known) drop reason."""
+        """Every evolution in seed and step order, with lineage, answer and (if already known) drop reason.
+        Under a budget cap, an evolution that was never sent is no record, and one whose answer or judgement
+        was never sent is dropped as `budget_capped`."""
+        if self.mode == "none":
+            return self._seed_records()
         out = []
         for seed in self.seeds:
             for step in range(1, self.steps + 1):
                 key = record_key(seed.id, step)
                 evolved = self.journal.get("evolve", key)
+                if evolved is None and self.cap is not None:
+                    continue
                 answer = self.journal.get("answer", key) or {}
                 rec = {
                     "id": key, "seed_id": seed.id, "step": step, "operator": evolved["operator"],
@@ -459,11 +573,38 @@ class Generator:
                     "input": "" if self.merge_input else seed.input,
                     "output": answer.get("output") or "",
                 }
-                reason = self.drop_reason(key)
+                capped = self.cap is not None and evolved["instruction"] is not None and self._unfinished(key)
+                reason = BUDGET_CAPPED if capped else self.drop_reason(key)
                 if reason:
                     rec["drop_reason"] = reason
                 out.append(rec)
         return out
+
+    def _seed_records(self) -> list[dict]:
+        """Mode none: one record per answered seed (a seed whose answer was never sent is no record)."""
+        out = []
+        for seed in self.seeds:
+            key = record_key(seed.id, 0)
+            answer = self.journal.get("answer", key)
+            if answer is None and self.cap is not None:
+                continue
+            out.append({"id": key, "seed_id": seed.id, "step": 0, "operator": "none", "parent_id": seed.id,
+                        "parent_instruction": "", "instruction": start_text(seed, self.merge_input),
+                        "input": "" if self.merge_input else seed.input,
+                        "output": (answer or {}).get("output") or "",
+                        **({} if answer is not None else {"drop_reason": ANSWER_FAILED})})
+        return out
+
+    def budget_metrics(self) -> dict:
+        """Under a cap: the budget, whether it ended the data, how many seeds were started out of how many."""
+        if self.cap is None:
+            return {}
+        return {"budget_capped": self.capped, "budget/max_expert_queries": self.cap.max_queries,
+                "budget/expert_queries": self.cap.spent, "seeds_configured": len(self.seeds)}
+
+    def seeds_started(self) -> int:
+        """Seeds whose generation began (all of them without a budget cap)."""
+        return len(self.seeds) if self.cap is None else len(self.cap.started)
 
     def calls(self) -> dict[str, int]:
         """LLM requests by role/purpose as journaled: `calls/...` needed, `sent/...` not served by the cache,
@@ -473,12 +614,36 @@ class Generator:
             for rec in self.journal.records(kind):
                 if kind == "judge" and not rec["queried"]:
                     continue
-                out[f"calls/{role}/{kind}"] += 1
+                purpose = self.purpose(kind, rec["key"].rsplit("/", 1)[0])
+                out[f"calls/{role}/{purpose}"] += 1
                 if not rec.get("cached"):
-                    out[f"sent/{role}/{kind}"] += 1
+                    out[f"sent/{role}/{purpose}"] += 1
                 if rec.get("truncated"):  # cut off at max_tokens: kept, and counted
-                    out[f"truncated/{kind}"] += 1
+                    out[f"truncated/{purpose}"] += 1
         return dict(out)
+
+    def cleaning(self) -> dict:
+        """What `clean_rewrite` did to the journaled rewrites: `n` evolutions, `by_kind` replies that needed each
+        kind of cleaning (`teams_rl.evol.cleaning.KINDS`; a reply counts once per kind), `rejected` unusable
+        replies by reason, and the same per operator in `by_operator`."""
+        def empty() -> dict:
+            return {"n": 0, "by_kind": dict.fromkeys(CLEANING_KINDS, 0), "rejected": dict.fromkeys(REJECTIONS, 0)}
+
+        total, per_op = empty(), {name: empty() for name in self.opset.names}
+        for rec in self.journal.records("evolve"):
+            for group in (total, per_op[rec["operator"]]):
+                group["n"] += 1
+                for kind in rec.get("cleaning") or ():
+                    group["by_kind"][kind] += 1
+                if rec.get("rejected_as"):
+                    group["rejected"][rec["rejected_as"]] += 1
+        return {**total, "by_operator": {name: c for name, c in per_op.items() if c["n"]}}
+
+
+def cleaning_metrics(cleaning: dict) -> dict[str, int]:
+    """Flat counts of `Generator.cleaning()`: `cleaning/<kind>` and `cleaning/rejected/<reason>` (of `cleaning/n`)."""
+    return {"cleaning/n": cleaning["n"], **{f"cleaning/{k}": v for k, v in cleaning["by_kind"].items()},
+            **{f"cleaning/rejected/{k}": v for k, v in cleaning["rejected"].items()}}
 
 
 # ------------------------------------------------------------------------------------------------ splits

@@ -1,4 +1,4 @@
-"""Textual operators (the policy's actions) as data, and cleanup of what an LLM returns for them.
+"""Textual operators (the policy's actions) as data (the cleanup of their replies: `teams_rl.evol.cleaning`).
 
 An operator is a name, a kind ("breadth": a new instruction on a rarer topic, "depth": a harder version of
 the same one) and a prompt template with an `{instruction}` slot. Templates live in
@@ -8,12 +8,14 @@ operators it uses, in action-index order.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
+from teams_rl.evol.cleaning import Cleaned, clean_rewrite, clean_rewrite_counted  # re-exported for callers
+
+__all__ = ["Cleaned", "Operator", "OperatorSet", "clean_rewrite", "clean_rewrite_counted", "load_operator_set"]
 
 SLOT = "{instruction}"
 KINDS = ("breadth", "depth")
@@ -113,74 +115,3 @@ def load_operator_set(cfg_operators) -> OperatorSet:
         operators.append(Operator(name=str(name), kind=str(spec.get("kind", "depth")), template=str(spec["template"])))
     return OperatorSet(name=set_name, operators=tuple(operators))
 
-
-# ---------------------------------------------------------------------------------------------- cleanup
-
-_OUTPUT_MARKER = re.compile(
-    r"[#*]*\s*(?:the\s+)?(?:rewritten|created|new|revised|modified|final|evolved|complex|harder)\s+"
-    r"(?:version\s+of\s+the\s+)?(?:prompt|instruction)\s*[#*]*\s*:[#*]*",
-    re.IGNORECASE,
-)
-_GIVEN_MARKER = re.compile(r"[#*]*\s*given\s+prompt\s*[#*]*\s*:?", re.IGNORECASE)
-_PREAMBLE = re.compile(
-    r"^(?:(?:sure|certainly|of course|okay|ok|absolutely|great|alright)\b[^\n]*?:|"
-    r"here(?:'s| is)\b[^\n:]*?(?:prompt|version|instruction|rewrite|question)[^\n:]*:|"
-    r"as an? (?:prompt (?:re)?writer|prompt creator|ai(?: language model)?)\b(?:[^\n:]*:|[^\n,]*,))\s*",
-    re.IGNORECASE,
-)
-_TRAILER = re.compile(
-    r"\n\s*(?:\**\s*)?(?:explanation|note|notes|rationale|changes made)\s*\**\s*:.*$|"
-    r"\n\s*(?:this|in this|the above) (?:rewritten|new|created|revised) (?:prompt|instruction)\b.*$",
-    re.IGNORECASE | re.DOTALL,
-)
-_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
-
-
-def _strip_wrappers(text: str) -> str:
-    changed = True
-    while changed and text:
-        changed = False
-        stripped = text.strip().strip("*").strip()
-        if stripped.startswith("```") and stripped.endswith("```") and len(stripped) >= 6:
-            stripped = stripped[3:-3].strip()
-            first, _, rest = stripped.partition("\n")
-            if rest and re.fullmatch(r"[a-zA-Z]+", first.strip() or "x"):  # a language tag line
-                stripped = rest.strip()
-        if len(stripped) >= 2 and stripped[0] in _QUOTES and stripped[-1] == _QUOTES[stripped[0]]:
-            inner = stripped[1:-1]
-            if stripped[0] not in inner:  # one quoted block, not "a" and "b"
-                stripped = inner.strip()
-        if stripped != text:
-            text, changed = stripped, True
-    return text
-
-
-def clean_rewrite(text: str | None, min_words: int = 3) -> str | None:
-    """The instruction inside an LLM's rewrite output, or None when nothing usable is left.
-
-    Takes the text after the last echoed output marker ("#Rewritten Prompt#:", "Rewritten prompt:",
-    "#Created Prompt#:", "New prompt:" ...), drops role preambles ("Sure! Here is the rewritten prompt:"),
-    trailing explanations ("Explanation: ..."), surrounding quotes/code fences/bold, and rejects output with
-    fewer than `min_words` words or that only echoes the template.
-    """
-    if not text or not text.strip():
-        return None
-    text = text.replace("\r\n", "\n").strip()
-    markers = list(_OUTPUT_MARKER.finditer(text))
-    if markers:
-        text = text[markers[-1].end():]
-    text = text.strip()
-    for _ in range(3):  # preambles can stack: "Sure! Here is the new prompt:\n\nRewritten prompt: ..."
-        new = _PREAMBLE.sub("", text, count=1).strip()
-        new = _OUTPUT_MARKER.sub("", new, count=1) if _OUTPUT_MARKER.match(new) else new
-        new = _strip_wrappers(new.strip())
-        if new == text:
-            break
-        text = new
-    text = _TRAILER.sub("", text).strip()
-    text = _strip_wrappers(text)
-    if _GIVEN_MARKER.match(text):  # the model echoed the template's input section only
-        return None
-    if len(re.findall(r"\w+", text)) < max(1, min_words):
-        return None
-    return text

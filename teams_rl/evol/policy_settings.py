@@ -37,6 +37,7 @@ class PolicySettings:
     min_words: int = 1
     checkpoint_every: int = 1
     keep_checkpoints: int | None = 1
+    keep_updates: tuple[int, ...] = ()
     prob_samples: int = 1024
     progress: bool = True
     torch_threads: int | None = 1
@@ -92,6 +93,11 @@ class PolicySettings:
         act = policy_kwargs.get("activation_fn")
         if isinstance(act, str) and act.lower() not in ACTIVATIONS:
             raise TeamsRLError(f"rl.policy_kwargs.activation_fn '{act}' is unknown ({', '.join(ACTIVATIONS)})")
+        hyper = C.plain(C.get(rl, "hyperparams", {})) or {}
+        if algorithm == "ppo" and hyper.get("normalize_advantage", True) and \
+                sizes["steps_per_update"] * sizes["n_envs"] < 2:
+            raise TeamsRLError(f"rl={algorithm} normalises advantages over each minibatch (sb3 asserts > 1): "
+                               "policy.n_envs x policy.steps_per_update must be >= 2")
         return cls(
             algorithm=algorithm, action_space=action_space, obs=obs, bias=bias, schedule=schedule,
             seed=C.integer(cfg, "policy.seed"), **sizes,
@@ -102,6 +108,8 @@ class PolicySettings:
             min_words=C.integer(cfg, "policy.min_words", minimum=0, optional=True) or 1,
             checkpoint_every=max(1, C.integer(cfg, "policy.checkpoint_every", minimum=0, optional=True) or 1),
             keep_checkpoints=C.integer(cfg, "policy.keep_checkpoints", minimum=0, optional=True),
+            keep_updates=tuple(sorted(set(C.integer_list(cfg, "policy.keep_updates", minimum=1,
+                                                         maximum=sizes["updates"])))),
             prob_samples=C.integer(cfg, "policy.prob_samples", minimum=1, optional=True) or 1024,
             progress=bool(C.get(pol, "progress", True)),
             torch_threads=C.integer(cfg, "policy.torch_threads", minimum=1, optional=True),

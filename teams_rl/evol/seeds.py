@@ -152,6 +152,43 @@ def load_seeds(seeds_cfg: Any) -> list[Seed]:
     return seeds
 
 
+def heldout_seeds_config(seeds_cfg: Any, n: int) -> dict:
+    """The seeds config selecting the `n` seeds right after the training selection, from the same source: the
+    membership-inference non-members of a run that trains on every seed it evolves (the training range must be
+    bounded by `stop` or `limit`)."""
+    start, stop = _range(seeds_cfg)
+    limit = _int(seeds_cfg, "limit")
+    if stop is None and limit is None:
+        raise TeamsRLError("generate.heldout_seeds needs a bounded training range: set seeds.stop or seeds.limit")
+    end = stop if limit is None else start + (limit if stop is None else min(limit, stop - start))
+    out = dict(C.plain(seeds_cfg) or {})
+    out.update(start=end, stop=end + int(n), limit=None)
+    return out
+
+
+def load_heldout_seeds(seeds_cfg: Any, n: int) -> list[Seed]:
+    """The `n` seeds after the training selection (see `heldout_seeds_config`); fewer is an error."""
+    cfg = heldout_seeds_config(seeds_cfg, n)
+    try:
+        seeds = load_seeds(cfg)
+    except TeamsRLError as err:
+        if "no seed instructions selected" not in str(err):
+            raise
+        seeds = []
+    if len(seeds) < n:
+        raise TeamsRLError(f"generate.heldout_seeds={n}: only {len(seeds)} seeds after the training range "
+                           f"(index {cfg['start']} on)")
+    return seeds
+
+
+def check_heldout_seeds(seeds_cfg: Any, n: int) -> None:
+    """What `load_heldout_seeds` would reject, reading only local seed files (like `check_seeds`)."""
+    cfg = heldout_seeds_config(seeds_cfg, n)
+    check_seeds({**cfg, "stop": None, "start": 0})  # types and the file
+    if str(C.get(cfg, "kind", "tiny")) == "tiny" or C.get(cfg, "path"):
+        load_heldout_seeds(seeds_cfg, n)
+
+
 ALPACA_SIZE = 52_002
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from teams_rl.artifacts import write_json_atomic
 from teams_rl.errors import TeamsRLError
+from teams_rl.evol.cleaning import KINDS as CLEANING_KINDS
 from teams_rl.evol.policy_settings import ACTIVATIONS, PolicySettings
 
 CHECKPOINTS = "checkpoints"
@@ -74,6 +75,7 @@ class UpdateRecorder:
         self.ops: list[int] = []
         self.rejected = 0
         self.changed = 0
+        self.cleaning: dict[str, int] = dict.fromkeys(CLEANING_KINDS, 0)
         self.terms: dict[str, list[float]] = {}
         self.returns: list[float] = []
         self.obs: list[np.ndarray] = []
@@ -86,6 +88,8 @@ class UpdateRecorder:
             self.ops.append(int(info["op_id"]))
             self.rejected += int(info["rejected"])
             self.changed += int(info["changed"])
+            for kind in info.get("cleaning") or ():
+                self.cleaning[kind] += 1
             for name, value in info["reward_terms"].items():
                 self.terms.setdefault(name, []).append(value)
             if "episode" in info:
@@ -97,10 +101,13 @@ class UpdateRecorder:
         counts = np.bincount(np.asarray(self.ops, dtype=int), minlength=self.n_ops) if self.ops else np.zeros(self.n_ops)
         row = {
             "mean_reward": float(np.mean(self.rewards)) if self.rewards else 0.0,
+            "reward_sd": float(np.std(self.rewards)) if self.rewards else 0.0,  # population sd of the transitions
+            "transitions": len(self.rewards),
             "episodes": len(self.returns),
             "mean_episode_return": float(np.mean(self.returns)) if self.returns else None,
             "rejected_frac": self.rejected / n,
             "changed_frac": self.changed / n,
+            **{f"cleaning/{kind}": count / n for kind, count in self.cleaning.items()},  # of n transitions
         }
         for name, values in self.terms.items():
             row[f"reward/{name}"] = float(np.mean(values))
@@ -370,8 +377,9 @@ class PolicyTraining:
                          "prob_rng": self.prob_rng.bit_generator.state}, fh)
         write_json_atomic(root / LATEST, {"update": self.done, "folder": folder.name})
         keep = self.s.keep_checkpoints
-        if keep:
-            old = sorted(p for p in root.glob("update_*") if p.is_dir() and p != folder)
+        if keep:  # the rolling window; updates named in policy.keep_updates are never pruned
+            kept = {f"update_{u:06d}" for u in self.s.keep_updates}
+            old = sorted(p for p in root.glob("update_*") if p.is_dir() and p != folder and p.name not in kept)
             for path in old[: max(0, len(old) - (int(keep) - 1))]:
                 shutil.rmtree(path, ignore_errors=True)
         return folder
@@ -410,6 +418,20 @@ class PolicyTraining:
         self.sent_before = dict(state["llm"])
         self.accounts_at_start = self._accounts()
         return True
+
+
+def reward_window(history: list[dict], last: int | None = None) -> dict:
+    """Mean, sd and standard error of the per-transition reward over the `last` updates of `history` (all when
+    None), pooled exactly from each update's mean, sd and transition count."""
+    rows = [r for r in (history[-last:] if last else history) if r.get("transitions")]
+    n = sum(int(r["transitions"]) for r in rows)
+    if not n:
+        return {"mean": None, "sd": None, "se": None, "n": 0, "updates": len(rows)}
+    mean = sum(r["transitions"] * r["mean_reward"] for r in rows) / n
+    second = sum(r["transitions"] * (r.get("reward_sd", 0.0) ** 2 + r["mean_reward"] ** 2) for r in rows) / n
+    var = max(second - mean ** 2, 0.0) * n / max(n - 1, 1)  # sample variance
+    return {"mean": float(mean), "sd": float(np.sqrt(var)), "se": float(np.sqrt(var / n)), "n": n,
+            "updates": len(rows)}
 
 
 def seed_pool(s: PolicySettings, seeds_cfg) -> list:

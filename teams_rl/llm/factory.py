@@ -63,6 +63,11 @@ class LLMPool:
         self._clients[role] = client
         return client
 
+    def dtypes(self, roles) -> dict[str, str]:
+        """{role: the dtype its model runs in} for `roles` whose backend is a local model (`dtype_used`)."""
+        return {role: c.backend.dtype_used for role, c in self._clients.items()
+                if role in roles and getattr(c.backend, "dtype_used", None)}
+
     def attach_failures(self, failures) -> None:
         """Every client (now and later) books its failed requests on `failures` (None: detach)."""
         self._failures = failures

@@ -36,13 +36,13 @@ class _Row:
 
 
 class SeededSampler:
-    """A logits processor that samples each row with its own generator and returns logits that make the
-    chosen token the argmax, so `generate` runs greedy and every row's randomness is private to it.
-    Rows with temperature 0 pass through unchanged (plain greedy).
+    """Picks each row's next token with the row's own generator (seeded by its request), so a seeded request
+    gives the same text whatever else is in its batch; rows with temperature 0 are greedy.
 
     Sampling is by inverse CDF (one uniform draw per row and step). Top-p takes the nucleus from a `topk`
-    that grows until it holds `top_p` of the mass, as a full sort of a 50k vocabulary at every step is slow
-    on a CPU."""
+    that grows until it holds `top_p` of the mass, as a full sort of a 50k vocabulary at every step is slow on
+    a CPU. As a logits processor (`__call__`) it returns logits that make the chosen token the argmax, so HF
+    `generate` runs greedy; the ragged decode loop calls `pick` directly."""
 
     FIRST_K = 64
 
@@ -50,45 +50,44 @@ class SeededSampler:
         import torch
 
         self.device = device
-        self.rows = [i for i, r in enumerate(rows) if r.temperature > 0]
-        self.nucleus = [j for j, i in enumerate(self.rows) if rows[i].top_p < 1.0]
-        self.temperature = torch.tensor([rows[i].temperature for i in self.rows], device=device)[:, None]
-        self.top_p = torch.tensor([rows[i].top_p for i in self.rows], device=device)
-        self.generators = [torch.Generator(device=device).manual_seed(rows[i].seed) for i in self.rows]
-        self.where = {j: n for n, j in enumerate(self.nucleus)}  # sampled row -> its row among nucleus rows
+        self.temperature = [r.temperature for r in rows]
+        self.top_p = [r.top_p for r in rows]
+        self.generators = [torch.Generator(device=device).manual_seed(r.seed) if r.temperature > 0 else None
+                           for r in rows]
 
-    def __call__(self, input_ids, scores):
+    def pick(self, logits, rows) -> list[int]:
+        """The next token of each of `rows` (original row indices) from its logits row (same order)."""
         import torch
 
-        if not self.rows:
-            return scores
-        logits = scores if len(self.rows) == scores.shape[0] else scores[self.rows]
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        vocab = probs.shape[-1]
-        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=scores.device)
-        if self.nucleus:
-            nucleus_probs = probs if len(self.nucleus) == len(self.rows) else probs[self.nucleus]
-            p = self.top_p[self.nucleus]
-            k = min(self.FIRST_K, vocab)
-            while True:
-                top, order = nucleus_probs.topk(k, dim=-1)
-                if k == vocab or bool((top.sum(-1) >= p).all()):
-                    break
-                k = min(4 * k, vocab)
-            cdf_top = top.cumsum(-1)
-            keep = (cdf_top - top < p[:, None]).sum(-1).tolist()  # tokens before the mass reaches top_p
-        for j, gen in enumerate(self.generators):
+        out = []
+        for j, i in enumerate(rows):
+            gen = self.generators[i]
+            if gen is None:
+                out.append(int(logits[j].argmax()))
+                continue
+            probs = torch.softmax(logits[j].float() / self.temperature[i], dim=-1)
             u = torch.rand((1,), generator=gen, device=self.device)
-            if j in self.where:
-                n = self.where[j]
-                cdf = cdf_top[n, : keep[n]]
+            if self.top_p[i] < 1.0:
+                k = min(self.FIRST_K, probs.numel())
+                while True:
+                    top, order = probs.topk(k)
+                    if k == probs.numel() or float(top.sum()) >= self.top_p[i]:
+                        break
+                    k = min(4 * k, probs.numel())
+                cdf = top.cumsum(-1)
+                cdf = cdf[: int((cdf - top < self.top_p[i]).sum())]
                 pos = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=cdf.numel() - 1)
-                tokens[j] = order[n, pos[0]]
+                out.append(int(order[pos[0]]))
             else:  # no top-p: the unsorted CDF will do
-                cdf = probs[j].cumsum(-1)
-                pos = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=vocab - 1)
-                tokens[j] = pos[0]
-        rows = torch.tensor(self.rows, device=scores.device)
+                cdf = probs.cumsum(-1)
+                out.append(int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=probs.numel() - 1)[0]))
+        return out
+
+    def __call__(self, input_ids, scores):
+        rows = [i for i, g in enumerate(self.generators) if g is not None]
+        if not rows:
+            return scores
+        tokens = self.pick(scores[rows], rows)
         scores[rows] = float("-inf")
         scores[rows, tokens] = 0.0
         return scores
@@ -116,31 +115,55 @@ class HFBackend:
     `.gguf` file or a hub id (loaded on the first `complete`).
 
     `generate_kwargs` are extra `GenerationConfig` fields (e.g. `repetition_penalty`); they are part of
-    `model_id`, so cached answers never mix settings."""
+    `model_id`, so cached answers never mix settings, and so are the prompt format (`chat_format`, see
+    `teams_rl.llm.chat_format`; the tokenizer's own template adds nothing) and a dtype other than float32
+    (`dtype: auto` is resolved here: the fast one of this machine, `teams_rl.fast_dtype`)."""
 
     def __init__(self, model: str, cache_dir: str | None = None, dtype: str = "float32", device: str = "auto",
                  batch_size: int = 8, max_input_tokens: int | None = None, generate_kwargs: dict | None = None,
-                 show_progress: bool = True, empty_retries: int = 2, **_):
+                 show_progress: bool = True, empty_retries: int = 2, prefix_cache: int = 0,
+                 prefix_min_tokens: int = 32, chat_format: str = "auto", **_):
+        from teams_rl.fast_dtype import check_dtype
+        from teams_rl.llm.chat_format import check_chat_format
+
         if int(batch_size) < 1:
             raise TeamsRLError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = str(model)
         self.cache_dir = cache_dir
-        self.dtype = dtype
+        self.dtype = check_dtype(dtype, "backend.dtype")
         self.device = device
+        self.chat_format = check_chat_format(chat_format)
+        self._template: str | None = None  # the chat template to render with (None: the tokenizer's), at load
         self.batch_size = int(batch_size)
         self.max_input_tokens = max_input_tokens
         self.generate_kwargs = dict(generate_kwargs or {})
         self.show_progress = show_progress
         self.empty_retries = int(empty_retries)
+        self.prefix = None
+        if int(prefix_cache) > 0:
+            from teams_rl.llm.prefix_cache import PrefixCache
+
+            self.prefix = PrefixCache(max_entries=int(prefix_cache), min_tokens=int(prefix_min_tokens))
         self.model = None
         self.tokenizer = None
         self._stop_ids: set[int] = set()
-        suffix = ",".join(f"{k}={v}" for k, v in sorted(self.generate_kwargs.items()))
-        self.model_id = f"hf/{self.model_name}" + (f"?{suffix}" if suffix else "")
         self._check_source()
+        self.device_used, self.dtype_used = self._resolve_device_dtype()
+        self.model_id = f"hf/{self.model_name}" + self._settings_suffix()
+
+    def _settings_suffix(self) -> str:
+        from teams_rl.llm.chat_format import format_id
+
+        settings = dict(self.generate_kwargs)
+        if format_id(self.chat_format):
+            settings["chat_format"] = format_id(self.chat_format)
+        if self.dtype_used != "float32":
+            settings["dtype"] = self.dtype_used
+        suffix = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
+        return f"?{suffix}" if suffix else ""
 
     def describe(self) -> str:
-        return f"{self.model_id} (local transformers, {self.device})"
+        return f"{self.model_id} (local transformers, {self.device_used}, {self.dtype_used})"
 
     # -- loading -------------------------------------------------------------------------------------
     def _gguf_path(self) -> Path | None:
@@ -158,19 +181,12 @@ class HFBackend:
             resolve_model(self.model_name, self.cache_dir)
 
     def _resolve_device_dtype(self) -> tuple[str, str]:
+        """(device, dtype) to load on; `auto` takes the dtype measured fastest here (once per machine)."""
+        from teams_rl.fast_dtype import resolve_dtype
         from teams_rl.models import pick_device
 
         device = pick_device(self.device)
-        dtype = self.dtype
-        if device == "cpu":
-            if dtype not in ("float32", "auto"):
-                log.warning("dtype %s is very slow on this CPU; using float32", dtype)
-            dtype = "float32"
-        elif dtype == "auto":
-            import torch
-
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return device, dtype
+        return device, resolve_dtype(self.dtype, device, self.cache_dir, "backend.dtype")
 
     def _load(self) -> None:
         if self.model is not None:
@@ -179,7 +195,7 @@ class HFBackend:
 
         from teams_rl.models import load_causal_lm
 
-        device, dtype = self._resolve_device_dtype()
+        device, dtype = self.device_used, self.dtype_used
         start = time.perf_counter()
         gguf = self._gguf_path()
         if gguf is not None:
@@ -194,6 +210,9 @@ class HFBackend:
         else:
             model, tok = load_causal_lm(self.model_name, dtype=dtype, device=device, cache_dir=self.cache_dir)
         tok.padding_side = "left"
+        from teams_rl.llm.chat_format import resolve_template
+
+        self._template = resolve_template(self.chat_format, tok)  # fails here if `tokenizer` and it has none
         self.model, self.tokenizer = model, tok
         self._stop_ids = self._find_stop_ids()
         # Drop the checkpoint's sampling defaults (e.g. a repetition penalty): an answer depends only on the
@@ -225,6 +244,8 @@ class HFBackend:
 
     def close(self) -> None:
         """Free the model (and its GPU memory); the next `complete` loads it again."""
+        if self.prefix is not None:
+            self.prefix.clear()
         if self.model is None:
             return
         self.model = self.tokenizer = None
@@ -236,13 +257,9 @@ class HFBackend:
 
     # -- generation ----------------------------------------------------------------------------------
     def _prompt_ids(self, request: ChatRequest) -> list[int]:
-        tok = self.tokenizer
-        messages = request.message_dicts()
-        if tok.chat_template:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # a base model: plain text, one message per paragraph
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return tok(text, add_special_tokens=False)["input_ids"]
+        from teams_rl.llm.chat_format import prompt_ids
+
+        return prompt_ids(self.tokenizer, request.message_dicts(), self._template)
 
     def _row(self, index: int, request: ChatRequest) -> _Row:
         import torch
@@ -344,8 +361,6 @@ class HFBackend:
         from transformers import GenerationConfig, LogitsProcessorList
 
         tok, model = self.tokenizer, self.model
-        batch = tok.pad({"input_ids": [r.ids for r in rows]}, padding=True, return_tensors="pt")
-        batch = {k: v.to(model.device) for k, v in batch.items()}
         max_new = max(r.max_new for r in rows)
         extra = dict(self.generate_kwargs)
         if "min_new_tokens" in extra:  # never more than the requests allow
@@ -356,6 +371,14 @@ class HFBackend:
         )
         start = time.perf_counter()
         with torch.inference_mode():
+            if self.prefix is not None and max(len(r.ids) for r in rows) > 1:
+                from teams_rl.llm.prefix_cache import batched_cache
+
+                input_ids, mask, cache = batched_cache(model, [r.ids for r in rows], self.prefix, tok.pad_token_id)
+                batch = {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
+            else:
+                batch = tok.pad({"input_ids": [r.ids for r in rows]}, padding=True, return_tensors="pt")
+                batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model.generate(**batch, generation_config=config,
                                  logits_processor=LogitsProcessorList([SeededSampler(rows, model.device)]))
         latency = (time.perf_counter() - start) / len(rows)

@@ -18,7 +18,7 @@ import yaml
 from teams_rl.errors import TeamsRLError
 
 MANIFEST = "manifest.json"
-RESULT_STAGES = ("policy", "generate", "finetune", "evaluate_base", "evaluate", "privacy")
+RESULT_STAGES = ("policy", "policy_baseline", "generate", "finetune", "evaluate_base", "evaluate", "privacy")
 
 
 def read_json(path: Path, default=None):
@@ -52,6 +52,20 @@ def benchmark_series(runs: list[RunResults]) -> list[tuple[str, dict, bool]]:
             tuned = {k[len("finetuned/"):]: v for k, v in run.metrics("evaluate").items() if k.startswith("finetuned/")}
             out.append((f"fine-tuned: {run.label}", tuned, False))
     return out
+
+
+HEADLINE_METRICS = ("acc_norm", "acc", "exact_match", "mc2")
+
+
+def benchmark_stderr(scores: dict, key: str) -> float | None:
+    """lm-eval's standard error of the headline score `scores[key]` (the metric whose value it is), from one
+    series of `benchmark_series` (prefix stripped)."""
+    head = number(scores.get(key))
+    for name in HEADLINE_METRICS:
+        value = number(scores.get(f"{key}/{name}"))
+        if value is not None and head is not None and math.isclose(value, head):
+            return number(scores.get(f"{key}/{name}_stderr"))
+    return None
 
 
 def number(value) -> float | None:
@@ -154,9 +168,24 @@ class RunResults:
         folder = self.folders.get(stage)
         return folder / name if folder is not None and (folder / name).exists() else None
 
-    def policy_history(self) -> list[dict]:
-        path = self.file("policy", "metrics.jsonl")
+    def policy_history(self, stage: str = "policy") -> list[dict]:
+        path = self.file(stage, "metrics.jsonl")
         return read_jsonl(path) if path else []
+
+    def policy_vs_baseline(self) -> dict | None:
+        """The trained policy's final reward (its last updates) minus the random baseline's mean reward over the
+        same budget, with the standard error of the difference (independent samples) and both n."""
+        p, b = self.metrics("policy"), self.metrics("policy_baseline")
+        final, base = number(p.get("final_window/mean_reward")), number(b.get("baseline/mean_reward"))
+        if final is None or base is None:
+            return None
+        se_f, se_b = number(p.get("final_window/reward_se")) or 0.0, number(b.get("baseline/reward_se")) or 0.0
+        se = math.sqrt(se_f ** 2 + se_b ** 2)
+        diff = final - base
+        return {"final": final, "final_se": se_f, "final_n": int(p.get("final_window/transitions") or 0),
+                "final_updates": int(p.get("final_window/updates") or 0), "baseline": base, "baseline_se": se_b,
+                "baseline_n": int(b.get("baseline/transitions") or 0), "difference": diff, "se": se,
+                "z": diff / se if se > 0 else None}
 
     def generate_stats(self) -> dict:
         path = self.file("generate", "stats.json")

@@ -82,10 +82,11 @@ def claims_table(runs: list[RunResults], paper: PaperResults, primary_attack: st
     pair = tbl.find_query_pair(runs)
     q, s = paper.get("queries.teams_rl_fraction_of_wizardlm"), paper.get("queries.dataset_size_fraction_of_wizardlm")
     if pair is not None:
-        cost = costs.query_cost_table(pair[0].manifests["generate"], pair[1].manifests["generate"])
-        ours_q = tbl.ratio_pct(cost.row("calls: expert (all purposes)").ratio)
-        ours_s = tbl.ratio_pct(cost.row("dataset size (final instructions)").ratio)
-        where = f"{pair[0].label} vs {pair[1].label}, {cost.meta.get('seeds_teams')} seeds"
+        claims = costs.claims_of(pair, paper.scale())
+        ours_q = costs.pct(claims.expert_query_ratio, 4)
+        ours_s = costs.pct(claims.size_ratio, 4)
+        where = (f"{pair[0].label} ({claims.teams.seeds:,} seeds, measured) / {pair[1].label} (measured on "
+                 f"{claims.wizard.seeds:,} seeds, x {claims.scale.seeds:,})")
     else:
         ours_q = ours_s = "needs a WizardLM-baseline generation (make repro-queries)"
         where = "-"
@@ -148,7 +149,8 @@ def build_run_report(ours: RunResults, others: list[RunResults], paper: PaperRes
     report.sections.append(("Summary: the paper's claims", [report.add_table(claims_table(runs, paper,
                                                                                           primary_attack))]))
     # queries
-    parts: list = [report.add_table(tbl.query_cost_table(runs, paper)), report.add_table(tbl.paper_queries_table(paper)),
+    parts: list = [*[report.add_table(t) for t in tbl.query_claims_tables(runs, paper)],
+                   report.add_table(tbl.query_cost_table(runs, paper)), report.add_table(tbl.paper_queries_table(paper)),
                    report.add_table(tbl.llm_accounting_table(runs))]
     report.sections.append(("Expert queries and dataset size", parts))
     # policy
@@ -171,6 +173,7 @@ def build_run_report(ours: RunResults, others: list[RunResults], paper: PaperRes
             figure("operator_mix", figs.operator_mix, runs, dpi=dpi)
         report.sections.append(("Generated dataset", [
             report.add_table(tbl.dataset_table(runs)),
+            report.add_table(tbl.quality_table(runs)),
             FigureRef("dataset_diversity", "Diversity of the generated instructions vs their seeds"),
         ]))
     else:
@@ -213,9 +216,10 @@ def headline_metrics(runs: list[RunResults], report: Report, primary_attack: str
     out: dict = {"tables": len(report.tables), "figures": len(report.figures)}
     pair = tbl.find_query_pair(runs)
     if pair is not None:
-        cost = costs.query_cost_table(pair[0].manifests["generate"], pair[1].manifests["generate"])
-        out["expert_query_ratio"] = cost.row("calls: expert (all purposes)").ratio
-        out["dataset_size_ratio"] = cost.row("dataset size (final instructions)").ratio
+        claims = costs.claims_of(pair)
+        out["expert_query_ratio"] = claims.expert_query_ratio      # measured / WizardLM extrapolated
+        out["dataset_size_ratio"] = claims.size_ratio
+        out["expert_query_ratio_per_seed"] = claims.per_seed_ratio
     auc = runs[0].metric("privacy", f"{primary_attack}/auc") if runs else None
     if auc is not None:
         out[f"{primary_attack}_auc"] = auc

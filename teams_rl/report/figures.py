@@ -31,6 +31,15 @@ def policy_curves(runs: list[RunResults], path: Path, dpi: int = DPI) -> Path | 
         updates = np.array([row["update"] for row in hist])
         rewards = np.array([row.get("mean_reward") or 0.0 for row in hist], dtype=float)
         reward_curve(ax, updates, rewards, f"{run.label} ({run.metrics('policy').get('algorithm', '?')})")
+        base = run.policy_history("policy_baseline")
+        if base:
+            reward_curve(ax, np.array([row["update"] for row in base]),
+                         np.array([row.get("mean_reward") or 0.0 for row in base], dtype=float),
+                         f"{run.label}: random operators (same budget)")
+            versus = run.policy_vs_baseline()
+            if versus is not None:
+                ax.axhspan(versus["baseline"] - 2 * versus["baseline_se"], versus["baseline"] + 2 * versus["baseline_se"],
+                           color="grey", alpha=0.15, label="baseline mean ± 2 SE")
     ax.set(xlabel="update", ylabel="mean reward per step", title="Policy learning curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -22,6 +22,20 @@ PAPER_MODEL_LABELS = {"teams_rl_llama1_7b": "TeaMs-RL Llama-1-7b (paper)", "wiza
 
 
 @dataclass(frozen=True)
+class PaperScale:
+    """The one set of WizardLM constants (`queries.*` in paper_results.yaml): its seeds, rounds and calls per
+    round, the total they make, its evolved instructions, and the paper's two ratios against them."""
+
+    seeds: int
+    rounds: int
+    calls_per_round: int
+    wizard_queries: int
+    wizard_instructions: int
+    query_ratio: float
+    size_ratio: float
+
+
+@dataclass(frozen=True)
 class Reported:
     value: float | None
     source: str
@@ -75,6 +89,23 @@ class PaperResults:
         """The number formatted, or "not reported"."""
         entry = self.get(dotted)
         return NOT_REPORTED if entry.value is None else fmt.format(entry.value)
+
+    def scale(self) -> PaperScale:
+        """WizardLM's scale; its total must equal seeds x rounds x calls per round (one set of constants)."""
+        def whole(key: str) -> int:
+            value = self.value(f"queries.{key}")
+            if value is None or not float(value).is_integer():
+                raise TeamsRLError(f"{self.path}: queries.{key} must be a whole number, got {value!r}")
+            return int(value)
+
+        s = PaperScale(whole("wizardlm_seeds"), whole("wizardlm_rounds"), whole("wizardlm_calls_per_instruction_round"),
+                       whole("wizardlm_total_queries"), whole("wizardlm_instructions"),
+                       float(self.value("queries.teams_rl_fraction_of_wizardlm")),
+                       float(self.value("queries.dataset_size_fraction_of_wizardlm")))
+        if s.wizard_queries != s.seeds * s.rounds * s.calls_per_round:
+            raise TeamsRLError(f"{self.path}: queries.wizardlm_total_queries={s.wizard_queries:,} is not "
+                               f"{s.seeds:,} seeds x {s.rounds} rounds x {s.calls_per_round} calls")
+        return s
 
     def openllm_models(self) -> list[str]:
         return list((self.data.get("openllm_v1") or {}).keys())

@@ -17,6 +17,7 @@ import yaml
 
 from teams_rl.errors import TeamsRLError
 from teams_rl.report import figures as figs
+from teams_rl.report import methods
 from teams_rl.report import tables as tbl
 from teams_rl.report.collect import RESULT_STAGES, RunResults, number, read_json
 from teams_rl.report.document import FigureRef, Report, figure_dir
@@ -285,6 +286,12 @@ def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
         + f"; {len(groups)} group(s), mean ± std over `seed` within a group. Paper: TeaMs-RL, arXiv 2403.08694; "
         "its numbers come from `teams_rl/assets/paper_results.yaml` with their sources.",
     ]
+    method_rows = methods.rows(groups, primary_attack) if methods.applies(jobs) else []
+    if method_rows:
+        report.sections.append(("Methods at an equal expert budget", [
+            report.add_table(methods.table(method_rows, primary_attack)),
+            FigureRef("methods", "Per method at the same expert budget: queries spent and pairs kept, benchmark "
+                                 "average (± standard error), membership-inference AUC (95% CI)")]))
     pretty, raw = ablation_table(groups, primary_attack)
     report.add_table(raw)
     report.sections.append(("Ablation", [report.add_table(pretty), FigureRef("ablation", "Ablation metrics per "
@@ -297,9 +304,10 @@ def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
         run = RunResults.from_run_dir(done[0].run_dir, label=label)
         reps.append(run)
     pair = tbl.find_query_pair(reps)
-    query_parts: list = [report.add_table(tbl.query_cost_table(reps, paper)) if pair is not None else
-                         "No TeaMs-RL + WizardLM-baseline generation pair in this sweep (sweep "
-                         "`+experiment=queries_small,queries_small_wizardlm` for the ratios)."]
+    query_parts: list = ([*[report.add_table(t) for t in tbl.query_claims_tables(reps, paper)],
+                          report.add_table(tbl.query_cost_table(reps, paper))] if pair is not None else
+                         ["No TeaMs-RL + WizardLM-baseline generation pair in this sweep (sweep "
+                          "`+experiment=queries_small,queries_small_wizardlm` for the ratios)."])
     query_parts.append(report.add_table(tbl.paper_queries_table(paper)))
     report.sections.append(("Expert queries and dataset size", query_parts))
     if any(r.has("policy") for r in reps):
@@ -321,6 +329,11 @@ def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
                                       f"`python -m teams_rl.report {sweep_dir}`."]))
     if figures:
         fig_dir = figure_dir(out_dir)
+        if method_rows:
+            from teams_rl.plotting import method_comparison
+
+            report.figures["methods"] = method_comparison(**methods.figure_series(method_rows),
+                                                          path=fig_dir / "methods.png", dpi=dpi)
         panels = []
         for stage, key, label in ablation_metrics(primary_attack):
             stats = [mean_std([j.value(stage, key) for j in js]) for js in groups.values()]

@@ -10,7 +10,8 @@ import io
 import math
 from dataclasses import dataclass, field
 
-from teams_rl.report.collect import RunResults, benchmark_series, number
+from teams_rl.evol import quality
+from teams_rl.report.collect import RunResults, benchmark_series, benchmark_stderr, number
 from teams_rl.report.paper import NOT_REPORTED, PAPER_MODEL_LABELS, PaperResults, paper_model_for_target
 
 BENCHMARKS = (("arc_challenge", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa_mc2", "TruthfulQA"))
@@ -77,6 +78,22 @@ def pct(value, digits: int = 2) -> str:
     return NOT_RUN if value is None else f"{100 * value:.{digits}f}"
 
 
+def pct_se(value, se, digits: int = 2) -> str:
+    """A score in percent with its standard error (`-` when not run)."""
+    value, se = number(value), number(se)
+    if value is None:
+        return NOT_RUN
+    return f"{100 * value:.{digits}f}" + ("" if se is None else f" ± {100 * se:.{digits}f}")
+
+
+def average_stderr(scores: dict) -> float | None:
+    """Standard error of the mean of the four benchmarks, treating them as independent samples."""
+    errs = [benchmark_stderr(scores, k) for k, _ in BENCHMARKS]
+    if any(e is None for e in errs):
+        return None
+    return (sum(e * e for e in errs) ** 0.5) / len(errs)
+
+
 def ratio_pct(value) -> str:
     value = number(value)
     return NOT_RUN if value is None else f"{100 * value:.2f}%"
@@ -90,43 +107,46 @@ def generate_mode(run: RunResults) -> str | None:
 
 def find_query_pair(runs: list[RunResults]) -> tuple[RunResults, RunResults] | None:
     """A TeaMs-RL and a WizardLM-baseline generation among `runs` (same seeds preferred; first run first)."""
-    teams = [r for r in runs if generate_mode(r) == "teams_rl"]
-    wizard = [r for r in runs if generate_mode(r) == "wizardlm"]
+    from teams_rl.report import costs
 
-    def seeds(r):
-        return (r.manifests["generate"].get("config") or {}).get("seeds")
+    return costs.query_pair(runs)
 
-    for t in teams:
-        for w in wizard:
-            if seeds(t) == seeds(w):
-                return t, w
-    return (teams[0], wizard[0]) if teams and wizard else None
+
+def from_grid(grid) -> Table:
+    """A `teams_rl.report.costs.Grid` as a report table."""
+    return Table(grid.key, grid.title, list(grid.columns), [list(r) for r in grid.rows], list(grid.notes))
+
+
+def query_claims_tables(runs: list[RunResults], paper: PaperResults) -> list[Table]:
+    """The paper's query/size claims from measurements (TeaMs-RL measured / WizardLM's measured per-seed cost
+    extrapolated to the paper's seeds), ratios first, then the parts; [] without both generations."""
+    from teams_rl.report import costs
+
+    pair = find_query_pair(runs)
+    if pair is None:
+        return []
+    claims = costs.claims_of(pair, paper.scale())
+    tables = [from_grid(claims.ratio_table()), from_grid(claims.parts_table())]
+    tables[0].notes.append(f"TeaMs-RL = {pair[0].label}, WizardLM baseline = {pair[1].label}.")
+    return tables
 
 
 def query_cost_table(runs: list[RunResults], paper: PaperResults) -> Table:
-    """Expert queries and dataset size: TeaMs-RL vs the WizardLM baseline when both generations are among
-    `runs` (the generate helper's table, `teams_rl.report.costs`), else this run's own generation costs."""
+    """The same-seed control, TeaMs-RL vs the WizardLM baseline, when both generations are among `runs`
+    (`teams_rl.report.costs`), else this run's own generation costs."""
     from teams_rl.report import costs
 
-    kwargs = dict(
-        paper_seeds=int(paper.value("queries.wizardlm_seeds", costs.PAPER_SEEDS)),
-        paper_wizard_queries=int(paper.value("queries.wizardlm_total_queries", costs.PAPER_WIZARD_QUERIES)),
-        paper_wizard_instructions=int(paper.value("queries.wizardlm_instructions", costs.PAPER_WIZARD_INSTRUCTIONS)),
-        paper_query_ratio=paper.value("queries.teams_rl_fraction_of_wizardlm", costs.PAPER_QUERY_RATIO),
-        paper_size_ratio=paper.value("queries.dataset_size_fraction_of_wizardlm", costs.PAPER_SIZE_RATIO),
-    )
+    scale = paper.scale()
     pair = find_query_pair(runs)
     if pair is not None:
         teams, wizard = pair
-        cost = costs.query_cost_table(teams.manifests["generate"], wizard.manifests["generate"], **kwargs)
-        table = Table("query_costs", "Expert queries and dataset size: TeaMs-RL vs WizardLM",
+        cost = costs.query_cost_table(teams.manifests["generate"], wizard.manifests["generate"], scale)
+        table = Table("query_costs", "Same-seed control: TeaMs-RL vs WizardLM seed for seed",
                       ["quantity", f"TeaMs-RL ({teams.label})", f"WizardLM baseline ({wizard.label})",
                        "TeaMs-RL / WizardLM", "paper"])
         for r in cost.rows:
             table.rows.append([r.quantity, _num(r.teams), _num(r.wizard), ratio_pct(r.ratio), r.paper])
-        table.notes.append(f"Seeds: {cost.meta.get('seeds_teams')} (TeaMs-RL) and {cost.meta.get('seeds_wizard')} "
-                           "(WizardLM). Calls = requests the generation needed (cache hits included); "
-                           f"extrapolation = per-seed cost x {kwargs['paper_seeds']:,} Alpaca seeds.")
+        table.notes += cost.grid().notes
         if not cost.meta.get("same_seeds"):
             table.notes.append("WARNING: the two generations used different seed settings; the ratios compare "
                                "unlike inputs.")
@@ -143,24 +163,21 @@ def query_cost_table(runs: list[RunResults], paper: PaperResults) -> Table:
     pairs = sorted(set().union(*[set(c) for c in calls]),
                    key=lambda rp: (order.index(rp[1]) if rp[1] in order else len(order), rp[1], rp[0]))
     seeds = [r.metric("generate", "seeds") for r in gen_runs]
-    table.rows.append(["seeds", *[_num(s) for s in seeds], f"{kwargs['paper_seeds']:,} Alpaca seeds (WizardLM)"])
+    table.rows.append(["seeds", *[_num(s) for s in seeds], f"{scale.seeds:,} Alpaca seeds (WizardLM)"])
     for role, purpose in pairs:
         table.rows.append([f"calls: {role} / {purpose}", *[c.get((role, purpose), 0) for c in calls], ""])
     totals = [sum(c.values()) for c in calls]
     table.rows.append(["calls: all roles", *totals,
-                       f"TeaMs-RL {100 * kwargs['paper_query_ratio']:.2f}% of WizardLM's "
-                       f"{kwargs['paper_wizard_queries']:,}"])
+                       f"TeaMs-RL {100 * scale.query_ratio:.2f}% of WizardLM's {scale.wizard_queries:,}"])
     sizes = [r.metric("generate", "dataset/size") for r in gen_runs]
     table.rows.append(["dataset size (final instructions)", *[_num(s) for s in sizes],
-                       f"TeaMs-RL {100 * kwargs['paper_size_ratio']:.2f}% of WizardLM's "
-                       f"{kwargs['paper_wizard_instructions']:,}"])
+                       f"TeaMs-RL {100 * scale.size_ratio:.2f}% of WizardLM's {scale.wizard_instructions:,}"])
     per_seed = [t / s if s else None for t, s in zip(totals, seeds, strict=True)]
     table.rows.append(["calls per seed", *[_num(v) for v in per_seed],
-                       f"WizardLM {int(paper.value('queries.wizardlm_rounds', 4))} rounds x "
-                       f"{int(paper.value('queries.wizardlm_calls_per_instruction_round', 3))} calls"])
-    table.rows.append([f"calls extrapolated to {kwargs['paper_seeds']:,} seeds",
-                       *[None if v is None else round(v * kwargs["paper_seeds"]) for v in per_seed],
-                       f"WizardLM {kwargs['paper_wizard_queries']:,}"])
+                       f"WizardLM {scale.rounds} rounds x {scale.calls_per_round} calls"])
+    table.rows.append([f"calls extrapolated to {scale.seeds:,} seeds",
+                       *[None if v is None else round(v * scale.seeds) for v in per_seed],
+                       f"WizardLM {scale.wizard_queries:,} (inferred)"])
     table.notes.append("No WizardLM-baseline generation to compare with: run `make repro-queries`, or set "
                        "`report.compare_with=[<run dir of +experiment=wizardlm_baseline on the same seeds>]`.")
     return table
@@ -220,8 +237,17 @@ def openllm_table(runs: list[RunResults], paper: PaperResults) -> Table:
     """Open LLM Leaderboard v1 benchmarks (percent): base vs fine-tuned models vs the paper's numbers."""
     table = Table("openllm_v1", "Open LLM Leaderboard v1 benchmarks (%)",
                   ["model", *[label for _, label in BENCHMARKS], "average"])
+    sizes: dict[str, int] = {}
     for label, scores, _ in benchmark_series(runs):
-        table.rows.append([label, *[pct(scores.get(k)) for k, _ in BENCHMARKS], pct(scores.get("average"))])
+        table.rows.append([label, *[pct_se(scores.get(k), benchmark_stderr(scores, k)) for k, _ in BENCHMARKS],
+                           pct_se(scores.get("average"), average_stderr(scores))])
+        for k, _ in BENCHMARKS:
+            if number(scores.get(f"{k}/n")) is not None:
+                sizes[k] = int(scores[f"{k}/n"])
+    if sizes:
+        table.notes.append("± = lm-eval's standard error; documents per task: "
+                           + ", ".join(f"{k} n = {v}" for k, v in sizes.items())
+                           + ". Differences smaller than about 2 standard errors are not evidence of a change.")
     for model in paper.openllm_models():
         label = PAPER_MODEL_LABELS.get(model, f"{model} (paper)")
         table.rows.append([label, *[paper.cell(f"openllm_v1.{model}.{k}") for k, _ in BENCHMARKS],
@@ -294,11 +320,32 @@ def privacy_table(runs: list[RunResults], paper: PaperResults) -> Table:
         entry = paper.get(f"privacy.{key}")
         table.rows.append([label, "not stated", NOT_REPORTED if entry.value is None else f"{entry.value:.2f}",
                            NOT_REPORTED, *[NOT_REPORTED for _ in fpr_keys], NOT_REPORTED])
+    for run in runs:
+        table.notes += interval_warnings(run.label, run.metrics("privacy"))
     table.notes.append("AUC 0.5 = the attacker cannot tell members from non-members (better privacy); the paper "
                        "reports one AUC per model without naming the attack.")
     for key, source in paper.sources("privacy"):
         table.notes.append(f"paper `{key}`: {source}")
     return table
+
+
+MIN_N_FOR_CI = 30  # per side: below this a bootstrap 95% CI of an AUC is too coarse to stand behind
+
+
+def interval_warnings(label: str, m: dict) -> list[str]:
+    """Flags for a privacy result whose n is too small for its interval or whose interval is degenerate."""
+    out = []
+    members, nonmembers = number(m.get("n_members")), number(m.get("n_nonmembers"))
+    if members is not None and nonmembers is not None and min(members, nonmembers) < MIN_N_FOR_CI:
+        out.append(f"WARNING ({label}): n = {int(members)} members / {int(nonmembers)} non-members is too small for a "
+                   f"95% CI (fewer than {MIN_N_FOR_CI} per side); read the AUCs as anecdotes.")
+    degenerate = [ATTACK_LABELS.get(a, a) for a in attacks_of(m)
+                  if number(m.get(f"{a}/auc_ci_low")) is not None
+                  and number(m.get(f"{a}/auc_ci_low")) == number(m.get(f"{a}/auc_ci_high"))]
+    if degenerate:
+        out.append(f"WARNING ({label}): degenerate interval (zero width) for {', '.join(degenerate)}: the bootstrap "
+                   "cannot vary the result, usually because the sets are tiny or perfectly separated.")
+    return out
 
 
 # ----------------------------------------------------------------------------------- policy, data, SFT
@@ -322,7 +369,27 @@ def policy_table(runs: list[RunResults]) -> Table:
                            fmt(m.get("mean_reward"), 3), fmt(m.get("final_entropy"), 3),
                            _num(m.get("llm_queries/instructor")), _num(m.get("llm_queries/reviewer")),
                            *[fmt(m.get(f"op_prob/{o}"), 3) for o in ops]])
+        versus = run.policy_vs_baseline()
+        if versus is None:
+            continue
+        b = run.metrics("policy_baseline")
+        table.rows.append([f"{run.label}: random operators, same budget", "random", m.get("operator_set"),
+                           _num(b.get("updates")), fmt(b.get("first_mean_reward"), 3),
+                           fmt(b.get("final_mean_reward"), 3), fmt(b.get("mean_reward"), 3),
+                           fmt(b.get("final_entropy"), 3), _num(b.get("llm_queries/instructor")),
+                           _num(b.get("llm_queries/reviewer")), *[fmt(b.get(f"op_prob/{o}"), 3) for o in ops]])
+        table.notes.append(policy_versus_baseline_note(run.label, versus))
     return table
+
+
+def policy_versus_baseline_note(label: str, v: dict) -> str:
+    """One line: the trained policy's final reward minus the random baseline's, ± its standard error, with n."""
+    verdict = ("beats the random baseline by more than 2 standard errors" if v["z"] is not None and v["z"] > 2 else
+               "does NOT beat the random baseline by 2 standard errors")
+    return (f"{label}: final reward (last {v['final_updates']} updates, n = {v['final_n']} transitions) "
+            f"{v['final']:.3f} ± {v['final_se']:.3f} minus random-operator baseline (n = {v['baseline_n']}) "
+            f"{v['baseline']:.3f} ± {v['baseline_se']:.3f} = **{v['difference']:+.3f} ± {v['se']:.3f}** (SE); the "
+            f"policy {verdict}" + (f" (z = {v['z']:.2f})." if v["z"] is not None else "."))
 
 
 def dataset_table(runs: list[RunResults]) -> Table:
@@ -348,6 +415,23 @@ def dataset_table(runs: list[RunResults]) -> Table:
                            ", ".join(f"{k} {v}" for k, v in mix.items()) or NOT_RUN])
     table.notes.append("distinct-n = unique n-grams / all n-grams of the instructions; embedding diversity = "
                        "1 - mean pairwise cosine similarity of all-MiniLM-L6-v2 embeddings ('-' = not computed).")
+    return table
+
+
+def quality_table(runs: list[RunResults]) -> Table:
+    """Quality of each generated dataset per operator and step, with its seeds (stats.json `quality`)."""
+    columns, _ = quality.table_rows(None)
+    table = Table("dataset_quality", "Generated dataset: quality per operator and step", ["data", *columns])
+    for run in [r for r in runs if r.has("generate")]:
+        section = run.generate_stats().get("quality")
+        if not section or not section.get("enabled"):
+            table.notes.append(f"{run.label}: no quality figures ({quality.describe(section)})")
+            continue
+        table.rows += [[run.label, *row] for row in quality.table_rows(section)[1]]
+        table.notes.append(f"{run.label}: {quality.describe(section)}")
+    table.notes.append("distinct-n = unique / all n-grams; self-BLEU 0-100 (lower = more diverse); Vendi = effective "
+                       "number of distinct instructions (1..n); IFD = PPL(answer | instruction) / PPL(answer) "
+                       "(lower = the instruction helps more).")
     return table
 
 

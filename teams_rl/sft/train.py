@@ -50,6 +50,7 @@ class TrainJob:
     progress: bool = True
     deepspeed: dict | None = None   # rendered and adjusted to the device (see deepspeed_config.for_device)
     world_size: int = 1             # processes the launch asks for (a DeepSpeed checkpoint resumes only on as many)
+    lora: dict | None = None        # LoraSettings as a dict (teams_rl.sft.lora); None = full fine-tuning
 
     def save(self, path: str | Path) -> None:
         import yaml
@@ -178,6 +179,10 @@ def load_model_and_tokenizer(job: TrainJob):
     model = AutoModelForCausalLM.from_pretrained(job.model, dtype=torch.float32,
                                                  attn_implementation=job.target.get("attn_implementation", "sdpa"))
     model.config.use_cache = False  # a KV cache in training also hides packed position ids from the mask code
+    if job.lora:
+        from teams_rl.sft.lora import LoraSettings, wrap
+
+        model = wrap(model, LoraSettings(**{**job.lora, "target_modules": tuple(job.lora["target_modules"])}))
     return model, tok
 
 
@@ -212,12 +217,13 @@ def train(job: TrainJob, on_log: Callable[[dict, int], None] | None = None) -> d
         collator = make_collator(job.batching, tok.pad_token_id)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, processing_class=tok,
                           callbacks=build_callbacks(job, collator.stats, on_log))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before a LoRA merge
         resume = last_checkpoint(out / "checkpoints")
         resumed_from = trainer_state_step(resume) if resume else 0
         if resume:
             log.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=resume)
-        _save_final_model(trainer, out)
+        _save_final_model(trainer, out, job)
         rank, world = args.process_index, args.world_size
         (out / "ranks").mkdir(exist_ok=True)
         _write_json(out / "ranks" / f"rank{rank}.json",
@@ -239,6 +245,8 @@ def train(job: TrainJob, on_log: Callable[[dict, int], None] | None = None) -> d
             "micro_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "lora": bool(job.lora),
+            "trainable_parameters": trainable,
             "device": "cpu" if on_cpu else "cuda",
         }
         _write_json(out / "train_metrics.json", metrics)
@@ -251,13 +259,22 @@ def trainer_state_step(checkpoint: str) -> int:
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
-def _save_final_model(trainer, out: Path) -> None:
+def _save_final_model(trainer, out: Path, job: TrainJob) -> None:
     """Every rank takes part (ZeRO-3 gathers the weights); rank 0 writes `model.partial/` and renames it to
-    `model/`, so a folder named `model` is always complete."""
+    `model/`, so a folder named `model` is always complete. LoRA: merged weights or the adapter alone."""
     partial, final = out / "model.partial", out / "model"
-    trainer.save_model(str(partial))
+    shutil.rmtree(partial, ignore_errors=True)
+    if job.lora and trainer.is_world_process_zero():
+        from teams_rl.sft.lora import LoraSettings, save_final
+
+        settings = LoraSettings(**{**job.lora, "target_modules": tuple(job.lora["target_modules"])})
+        save_final(trainer.model, trainer.processing_class, partial, settings)
+    elif not job.lora:
+        trainer.save_model(str(partial))
     if trainer.is_world_process_zero():
-        if not (partial / "config.json").is_file():
+        from teams_rl.models import is_adapter
+
+        if not (partial / "config.json").is_file() and not is_adapter(partial):
             raise TeamsRLError(f"the trainer did not write a model into {partial}")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)

@@ -101,6 +101,9 @@ def _checked(cfg: DictConfig):
     target = C.plain(cfg.target)
     accumulation_steps(int(target["global_batch_size"]), int(target["micro_batch_size"]), world)
     check_model(str(target["model"]), cfg.paths.get("cache"), "target.model")
+    lora = _lora(cfg)
+    if lora and ds and dsc.zero_stage(ds) == 3:
+        raise TeamsRLError("finetune.lora with DeepSpeed ZeRO-3 is not supported here; use deepspeed=zero2 or none")
     if cfg.finetune.get("dataset") and not Path(str(cfg.finetune.dataset)).expanduser().exists():
         raise TeamsRLError(f"finetune.dataset {cfg.finetune.dataset} does not exist")
     return settings, world, batching, ds, target, on_cpu
@@ -142,7 +145,14 @@ def build_job(cfg: DictConfig, out: Path, model_path: str, target: dict, batchin
                     max_steps=settings.get("max_steps"), seed=int(settings.seed), save_steps=int(settings.save_steps),
                     save_total_limit=int(settings.save_total_limit), keep_checkpoints=bool(settings.keep_checkpoints),
                     logging_steps=int(settings.logging_steps), progress=bool(settings.get("progress", True)),
-                    deepspeed=ds, world_size=world)
+                    deepspeed=ds, world_size=world, lora=_lora(cfg))
+
+
+def _lora(cfg: DictConfig) -> dict | None:
+    from teams_rl.sft.lora import LoraSettings
+
+    settings = LoraSettings.from_config(cfg.finetune)
+    return None if settings is None else settings.to_dict()
 
 
 def check_resumable(out: Path, ds: dict | None, world_size: int) -> None:
@@ -162,7 +172,9 @@ def collect(out: Path, extra: dict) -> dict:
     """Merge rank 0's metrics with every rank's token counts; check the model is there; rewrite
     train_metrics.json with the result and return it."""
     metrics_path = out / "train_metrics.json"
-    if not metrics_path.is_file() or not (out / "model" / "config.json").is_file():
+    from teams_rl.models import is_adapter
+
+    if not metrics_path.is_file() or not ((out / "model" / "config.json").is_file() or is_adapter(out / "model")):
         raise TeamsRLError(f"finetune: training ended without writing {out / 'model'} and {metrics_path}")
     metrics = json.loads(metrics_path.read_text())
     ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]

@@ -13,17 +13,19 @@ import logging
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
+from teams_rl.evol import budget_cap, quality
+from teams_rl.evol import generation_inputs as gen_inputs
 from teams_rl.evol.filters import FilterSettings, apply_filters
 from teams_rl.evol.generation import (
     COLUMNS,
     GenerationSettings,
     Generator,
     build_rules,
-    split_holdout,
+    cleaning_metrics,
     start_text,
 )
 from teams_rl.evol.journal import Journal
@@ -41,7 +43,11 @@ def _config_keys(cfg: DictConfig) -> list[str]:
     keys = ["seed", "generate", "seeds", "filters", "operators", "expert", "privacy.holdout_fraction"]
     if FilterSettings.from_cfg(cfg.get("filters")).no_info_gain:
         keys.append("reviewer")
-    return keys
+    return keys + budget_cap.config_keys(cfg)
+
+
+def _inputs(cfg: DictConfig) -> list[str]:
+    return [] if C.get(cfg.generate, "mode") == "none" else ["policy"]  # mode none: the expert answers the seeds
 
 
 def _roles(cfg: DictConfig) -> list[str]:
@@ -60,7 +66,8 @@ def _estimate(cfg: DictConfig) -> list:
     s = GenerationSettings.from_config(cfg.generate)
     opset, filters = load_operator_set(cfg.get("operators")), FilterSettings.from_cfg(cfg.get("filters"))
     count, sample, note = seed_sample(cfg.get("seeds"))
-    n, growth = count * s.steps, 27 * (s.steps - 1) / 2
+    count += gen_inputs.heldout_seeds(cfg) or 0  # the extra non-member seeds are evolved the same way
+    n, growth = count * max(s.steps, 1), 27 * max(s.steps - 1, 0) / 2
     texts = [start_text(seed, s.merge_input) for seed in sample]
     plans = [
         RequestPlan("expert", "evolve", n, [evolve_request(opset, i % len(opset), t, max_tokens=s.evolve_max_tokens,
@@ -70,6 +77,8 @@ def _estimate(cfg: DictConfig) -> list:
                                                              purpose="answer") for t in texts], growth,
                     "at most: one per usable evolution"),
     ]
+    if s.mode == "none":
+        plans = plans[1:]  # no evolution: one answer per seed
     if filters.no_info_gain:
         from teams_rl.evol.rewards import Judge
 
@@ -80,22 +89,22 @@ def _estimate(cfg: DictConfig) -> list:
     return plans
 
 
-def holdout_fraction(cfg: DictConfig) -> float:
-    """`privacy.holdout_fraction`, else `generate.holdout_fraction`: a fraction in [0, 1)."""
-    if OmegaConf.select(cfg, "privacy.holdout_fraction", default=None) is not None:
-        return C.fraction(cfg, "privacy.holdout_fraction")
-    return C.fraction(cfg, "generate.holdout_fraction", optional=True) or 0.0
-
-
 def _validate(cfg: DictConfig) -> None:
     from teams_rl.evol.operators import load_operator_set
     from teams_rl.evol.seeds import check_seeds
 
     GenerationSettings.from_config(cfg.generate)
+    budget_cap.check(cfg)
+    gen_inputs.policy_update(cfg)
     build_rules(cfg.generate, load_operator_set(cfg.get("operators")))
     FilterSettings.from_cfg(cfg.get("filters"))
-    holdout_fraction(cfg)
+    gen_inputs.holdout_fraction(cfg)
     check_seeds(cfg.get("seeds"))
+    quality.QualitySettings.from_cfg(cfg)
+    if gen_inputs.heldout_seeds(cfg) is not None:
+        from teams_rl.evol.seeds import check_heldout_seeds
+
+        check_heldout_seeds(cfg.get("seeds"), gen_inputs.heldout_seeds(cfg))
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -121,11 +130,11 @@ def write_dataset(out_dir: Path, train: list[dict], heldout: list[dict]) -> None
 
 def run(cfg: DictConfig, ctx) -> dict:
     from teams_rl.artifacts import write_json_atomic
-    from teams_rl.evol.agents import load_agent
     from teams_rl.evol.dataset_stats import dataset_stats, plot_stats, write_card
     from teams_rl.evol.operators import load_operator_set
 
     seeds = load_seeds(cfg.get("seeds"))
+    extra = gen_inputs.heldout_seed_list(cfg, seeds)
     settings = GenerationSettings.from_config(cfg.generate)
     opset = load_operator_set(cfg.get("operators"))
     filters = FilterSettings.from_cfg(cfg.get("filters"))
@@ -138,23 +147,26 @@ def run(cfg: DictConfig, ctx) -> dict:
         if resumed:
             log.info("generate: resuming, %d evolutions already journaled", resumed)
         if ctx.failures is not None:  # the failure budget's denominator: the requests a full run sends
-            ctx.failures.planned = len(seeds) * settings.steps * (3 if filters.no_info_gain else 2)
-        generator = Generator(settings, build_rules(cfg.generate, opset), filters, load_agent(ctx.inputs["policy"]),
-                              opset, seeds, journal, ctx.llm("expert"), lambda: ctx.llm("reviewer"),
-                              base_seed=int(cfg.seed), failures=ctx.failures)
+            ctx.failures.planned = (len(seeds) + len(extra)) * max(settings.steps, 1) * (3 if filters.no_info_gain else 2)
+        agent = None if settings.mode == "none" else gen_inputs.generating_agent(cfg, ctx.inputs["policy"])
+        generator = Generator(settings, build_rules(cfg.generate, opset), filters, agent,
+                              opset, seeds + extra, journal, ctx.llm("expert"), lambda: ctx.llm("reviewer"),
+                              base_seed=int(cfg.seed), failures=ctx.failures,
+                              heldout_ids=frozenset(s.id for s in extra))
         generator.run(progress)
         records = generator.records()
         calls = generator.calls()
+        cleaning = generator.cleaning()  # what clean_rewrite did, per kind and operator
     finally:
         journal.close()
 
-    seed_texts = [start_text(s, settings.merge_input) for s in seeds]
+    seed_texts = [start_text(s, settings.merge_input) for s in seeds + extra]
     report = apply_filters(records, filters, seed_texts=seed_texts, progress=progress)
     if not report.kept:  # an empty dataset is nothing to stand behind: fail instead of committing it
         raise TeamsRLError(f"generate: no record survived the filters ({_reasons(report.by_reason())}) of "
                            f"{len(records)} evolutions; nothing to train on (see {ctx.out_dir / JOURNAL} for the "
                            "raw answers; filters=none keeps every answered evolution)")
-    train, heldout = split_holdout(report.kept, holdout_fraction(cfg), int(cfg.seed))
+    train, heldout = gen_inputs.split_records(cfg, report.kept, extra)  # non-members: extra seeds or a fraction
     write_dataset(ctx.out_dir, train, heldout)
     with open(ctx.out_dir / "dropped.jsonl", "w") as fh:
         for rec in report.dropped:
@@ -164,13 +176,18 @@ def run(cfg: DictConfig, ctx) -> dict:
     stats["dropped_by_reason"] = report.by_reason()
     stats["split"] = {"train": len(train), "heldout": len(heldout)}
     stats["calls"] = calls
+    stats["cleaning"] = cleaning
+    stats["quality"] = quality.measure(cfg, report.kept, seeds + extra, seed_texts, ctx.log)
     write_json_atomic(ctx.out_dir / "stats.json", stats)
     for path in plot_stats(report.kept, seed_texts, ctx.out_dir):
         ctx.tracker.log_image(f"generate/{path.stem}", path)
 
     metrics = {
         "mode": generator.mode,
-        "seeds": len(seeds),
+        "seeds": generator.seeds_started() - len(extra),
+        **generator.budget_metrics(),
+        "heldout_seeds": len(extra),
+        "policy_update": gen_inputs.policy_update(cfg) or "final",
         "episode_length": generator.steps,
         "evolutions": len(records),
         "dataset/size": len(report.kept),
@@ -179,6 +196,7 @@ def run(cfg: DictConfig, ctx) -> dict:
         "dropped": len(report.dropped),
         **{f"dropped/{k}": v for k, v in report.by_reason().items()},
         **calls,
+        **cleaning_metrics(cleaning),
         "calls/total": sum(v for k, v in calls.items() if k.startswith("calls/")),
         "distinct_1": stats["distinct_1"],
         "distinct_2": stats["distinct_2"],
@@ -210,5 +228,5 @@ def _print_summary(metrics: dict) -> None:
     print("LLM calls: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + f" (total {metrics['calls/total']})")
 
 
-STAGE = Stage(name="generate", version=1, run=run, config_keys=_config_keys, inputs=["policy"], resumable=True,
+STAGE = Stage(name="generate", version=2, run=run, config_keys=_config_keys, inputs=_inputs, resumable=True,
               validate=_validate, roles=_roles, run_only_keys=RUN_ONLY_KEYS, estimate=_estimate)

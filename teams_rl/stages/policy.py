@@ -8,7 +8,8 @@ for `policy.updates` updates of `policy.steps_per_update` transitions per env; t
 
 Artifact folder: agent.json + policy.zip (the agent, see `teams_rl.evol.agents`), metrics.jsonl (one row per
 update), learning_curve.png, checkpoints/ (the last saved update: a loadable agent folder plus the sb3
-model, env state and RNG states; a killed run resumes from it).
+model, env state and RNG states; a killed run resumes from it), and the updates named in
+`policy.keep_updates` (kept for good: `generate.policy_update` picks one of them to generate with).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from teams_rl.evol.cleaning import KINDS as CLEANING_KINDS
 from teams_rl.llm.failures import LLMFailures
 from teams_rl.stages import Stage
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 # policy.* keys that change how the run is carried out but not its result (kept out of the fingerprint)
 RUN_ONLY_KEYS = ("policy.checkpoint_every", "policy.keep_checkpoints", "policy.torch_threads",
                  "policy.max_failed_fraction")
+FINAL_WINDOW = 3  # "final reward": the mean over the transitions of the last 3 updates (its n in the metrics)
 SUMMED_COUNTS = ("llm_queries/instructor", "llm_queries/reviewer", "requests/instructor", "requests/reviewer")
 
 
@@ -121,7 +124,7 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
                     "; rerun", f"; stopped before update {run.done + 1}, the checkpoint of update {run.done} is kept "
                                "and a rerun resumes from it; rerun", 1)) from None
             run.history.append(row)
-            if run.done % s.checkpoint_every == 0 or run.done == s.updates:
+            if run.done % s.checkpoint_every == 0 or run.done == s.updates or run.done in s.keep_updates:
                 run.save_checkpoint(out_dir)
             write_metrics(out_dir, run.history)
             ctx.log({k: v for k, v in row.items() if v is not None and k != "update"}, step=row["update"])
@@ -136,6 +139,8 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
 
 
 def _summary(s, opset, run) -> dict:
+    from teams_rl.evol.training import reward_window
+
     history = run.history
     last, first = (history[-1], history[0]) if history else ({}, {})
     metrics = {
@@ -149,7 +154,13 @@ def _summary(s, opset, run) -> dict:
         "final_entropy": last.get("entropy"),
         "judge_unparsable": last.get("judge_unparsable", 0),
         "rejected_frac": float(np.mean([r["rejected_frac"] for r in history])) if history else None,
+        # share of the instructor's rewrites that needed each kind of clean_rewrite cleaning (all updates)
+        **{k: float(np.mean([r.get(k, 0.0) for r in history])) if history else None
+           for k in (f"cleaning/{kind}" for kind in CLEANING_KINDS)},
     }
+    window = reward_window(history, FINAL_WINDOW)
+    metrics.update({"final_window/mean_reward": window["mean"], "final_window/reward_se": window["se"],
+                    "final_window/transitions": window["n"], "final_window/updates": window["updates"]})
     for key in SUMMED_COUNTS:
         metrics[key] = last.get(key, 0)
     for name in run.names:
@@ -157,5 +168,5 @@ def _summary(s, opset, run) -> dict:
     return metrics
 
 
-STAGE = Stage(name="policy", version=1, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
+STAGE = Stage(name="policy", version=2, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
               resumable=True, validate=_validate, roles=_roles, estimate=_estimate)

@@ -57,19 +57,19 @@ def _member_sets(cfg: DictConfig, ctx):
     return mem.sample_equal(m, n, p.get("max_samples"), int(p.get("seed", 0)), bool(p.get("match_size", False)))
 
 
-def _load(path: str, p, device: str):
+def _load(path: str, dtype: str, device: str):
     from teams_rl.models import load_causal_lm
 
     try:
-        return load_causal_lm(path, dtype=str(p.get("dtype", "float32")), device=device)
+        return load_causal_lm(path, dtype=dtype, device=device)
     except OSError as err:
         raise TeamsRLError(f"privacy: cannot load model '{path}': {str(err).splitlines()[0]}") from err
 
 
-def _score(path: str, prompts, responses, p, device: str, desc: str):
+def _score(path: str, prompts, responses, p, device: str, dtype: str, desc: str):
     from teams_rl.eval import mia
 
-    model, tok = _load(path, p, device)
+    model, tok = _load(path, dtype, device)
     encoded = mia.encode_pairs(tok, prompts, responses, max_length=int(p.get("max_length", 512)),
                                score_on=str(p.get("score_on", "response")), append_eos=bool(p.get("append_eos", True)))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -80,10 +80,12 @@ def _score(path: str, prompts, responses, p, device: str, desc: str):
 
 
 def _validate(cfg: DictConfig) -> None:
+    from teams_rl.fast_dtype import check_dtype
     from teams_rl.models import check_model
 
     _inputs(cfg)
     p = cfg.privacy
+    check_dtype(p.get("dtype", "auto"), "privacy.dtype")
     _attacks(cfg, bool(p.get("reference_model")))
     for key in ("max_samples", "batch_size", "max_length"):
         C.integer(cfg, f"privacy.{key}", minimum=1, optional=key == "max_samples")
@@ -141,11 +143,13 @@ def _evaluate(labels, scores: dict, p) -> tuple[dict, dict, list[list]]:
 
 def run(cfg: DictConfig, ctx) -> dict:
     from teams_rl.eval import mia
+    from teams_rl.fast_dtype import resolve_dtype
     from teams_rl.models import pick_device, resolve_model
     from teams_rl.sft.data import format_prompt
 
     p = cfg.privacy
     device = pick_device(str(p.get("device", "auto")))
+    dtype = resolve_dtype(p.get("dtype", "auto"), device, cfg.paths.get("cache"), "privacy.dtype")
     target_path = _target_model(cfg, ctx)
     ref_path = resolve_model(str(p.reference_model), cfg.paths.get("cache")) if p.get("reference_model") else None
     attacks = _attacks(cfg, ref_path)
@@ -157,9 +161,10 @@ def run(cfg: DictConfig, ctx) -> dict:
     log.info("privacy: %d members + %d non-members, target %s, reference %s",
              len(members), len(nonmembers), target_path, ref_path)
 
-    target = _score(target_path, prompts, responses, p, device, "privacy: target log-probs")
-    reference = _score(ref_path, prompts, responses, p, device, "privacy: reference log-probs") \
+    target = _score(target_path, prompts, responses, p, device, dtype, "privacy: target log-probs")
+    reference = _score(ref_path, prompts, responses, p, device, dtype, "privacy: reference log-probs") \
         if "ref" in attacks else None
+    ctx.extra["dtype"] = {"target": dtype, **({"reference": dtype} if reference is not None else {})}
     texts = mia.scored_texts(prompts, responses, str(p.get("score_on", "response")))
     scores = mia.attack_scores(target, texts, float(p.get("k", 0.2)), reference, attacks)
 
