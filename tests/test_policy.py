@@ -203,3 +203,21 @@ def test_config_mistakes_fail_with_one_line(compose, tmp_path, overrides, messag
     with pytest.raises(TeamsRLError, match=message) as err:
         run_pipeline(cfg, tmp_path / "run")
     assert "\n" not in str(err.value)
+
+
+def test_policy_baseline_rolls_random_operators_over_the_same_budget_once_for_every_rl(compose, tmp_path):
+    """The learning curve's yardstick: same budget and reward, uniform operators, one artifact for any `rl`; a
+    trained policy on the fake reward (only deepening pays) beats it by more than 2 standard errors."""
+    over = FAKES + ["stages=[policy,policy_baseline]", "reward=reviewer_judge", "policy.progress=false",
+                    "policy.updates=12", "policy.n_envs=4", "policy.steps_per_update=2", "policy.checkpoint_every=1000"]
+    trpo, ppo = compose(over + ["rl=trpo"]), compose(over + ["rl=ppo"])
+    fp = lambda cfg: fingerprints(cfg, plan(cfg))  # noqa: E731
+    assert fp(trpo)["policy_baseline"] == fp(ppo)["policy_baseline"] and fp(trpo)["policy"] != fp(ppo)["policy"]
+    metrics = run_pipeline(ppo, tmp_path / "run")
+    base, trained = metrics["policy_baseline"], metrics["policy"]
+    assert base["algorithm"] == "random" and base["baseline/transitions"] == 12 * 4 * 2
+    assert abs(base["baseline/mean_reward"] - 1 / 6) < 0.1  # 1 of 6 operators pays
+    assert trained["final_window/transitions"] == 3 * 8
+    diff = trained["final_window/mean_reward"] - base["baseline/mean_reward"]
+    se = (trained["final_window/reward_se"] ** 2 + base["baseline/reward_se"] ** 2) ** 0.5
+    assert diff > 2 * se

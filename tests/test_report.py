@@ -262,3 +262,37 @@ def test_paper_numbers_file_has_a_source_for_every_entry():
     for section in ("queries", "openllm_v1", "privacy"):
         entries = paper.sources(section)
         assert entries and all(source.strip() for _, source in entries)
+
+
+def test_policy_versus_random_baseline_difference_and_flags():
+    """final (last updates) minus the random baseline ± the SE of the difference, with n; small-n and zero-width
+    privacy intervals are flagged; benchmark cells carry lm-eval's stderr."""
+    import math
+
+    from teams_rl.evol.training import reward_window
+    from teams_rl.report.collect import RunResults
+    from teams_rl.report.tables import interval_warnings, pct_se, policy_versus_baseline_note
+
+    history = [{"transitions": 8, "mean_reward": m, "reward_sd": 0.1} for m in (0.1, 0.2, 0.5, 0.6, 0.7)]
+    window = reward_window(history, 3)
+    assert window["n"] == 24 and math.isclose(window["mean"], 0.6)
+    # pooled: within-update variance 0.01 + between-update variance of (0.5, 0.6, 0.7) = 0.01 + 0.00667
+    assert math.isclose(window["sd"], math.sqrt((0.01 + 2 / 300) * 24 / 23), rel_tol=1e-9)
+    run = RunResults("demo", manifests={
+        "policy": {"metrics": {"final_window/mean_reward": 0.6, "final_window/reward_se": 0.03,
+                               "final_window/transitions": 24, "final_window/updates": 3}},
+        "policy_baseline": {"metrics": {"baseline/mean_reward": 0.4, "baseline/reward_se": 0.04,
+                                        "baseline/transitions": 96}}})
+    v = run.policy_vs_baseline()
+    assert math.isclose(v["difference"], 0.2) and math.isclose(v["se"], 0.05) and math.isclose(v["z"], 4.0)
+    note = policy_versus_baseline_note("demo", v)
+    assert "n = 24" in note and "n = 96" in note and "+0.200 ± 0.050" in note and "more than 2 standard" in note
+    weak = policy_versus_baseline_note("demo", {**v, "difference": 0.05, "z": 1.0})
+    assert "does NOT beat" in weak
+    assert RunResults("x", manifests={"policy": {"metrics": {}}}).policy_vs_baseline() is None
+    small = interval_warnings("demo", {"n_members": 2, "n_nonmembers": 2, "loss/auc": 1.0, "loss/auc_ci_low": 1.0,
+                                       "loss/auc_ci_high": 1.0})
+    assert len(small) == 2 and "too small" in small[0] and "degenerate" in small[1]
+    assert interval_warnings("demo", {"n_members": 40, "n_nonmembers": 35, "loss/auc": 0.6,
+                                      "loss/auc_ci_low": 0.5, "loss/auc_ci_high": 0.7}) == []
+    assert pct_se(0.5, 0.05) == "50.00 ± 5.00" and pct_se(0.5, None) == "50.00" and pct_se(None, 0.1) == "-"
