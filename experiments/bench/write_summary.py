@@ -137,10 +137,14 @@ def recorded(data: dict, path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime).date().isoformat() + " (file time)"
 
 
-def what(script: Path) -> str:
-    """The first line of a benchmark script's docstring."""
+def what(script: Path, limit: int = 160) -> str:
+    """The first sentence of a benchmark script's docstring (its first paragraph may wrap over lines)."""
     doc = ast.get_docstring(ast.parse(script.read_text())) or ""
-    return (doc.splitlines() or [""])[0].rstrip(".")
+    sentence = " ".join(doc.split("\n\n", 1)[0].split()).split(". ", 1)[0].rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0]
+        sentence += ("`" if sentence.count("`") % 2 else "") + " …"  # never leave a code span open
+    return sentence.replace("|", "/")
 
 
 def render(bench_dir: Path, results: Path, figures: dict | None, source: str, notes: str) -> str:
