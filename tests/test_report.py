@@ -250,6 +250,8 @@ def test_report_inputs_are_the_runs_result_stages(tmp_path):
     assert report.STAGE.inputs_for(cfg) == ["policy", "generate"]
     cfg = compose_config(["stages=[llm_check,report]"], tmp_path)
     assert report.STAGE.inputs_for(cfg) == []
+    cfg = compose_config([], tmp_path, scale=False)  # the embedded default: its random-operator baseline is reported
+    assert report.STAGE.inputs_for(cfg)[:3] == ["policy", "policy_baseline", "generate"]
 
 
 def test_paper_numbers_file_has_a_source_for_every_entry():

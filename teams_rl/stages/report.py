@@ -19,11 +19,11 @@ from omegaconf import DictConfig
 from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
 from teams_rl.llm.accounting import COUNTER_FIELDS
+from teams_rl.report.collect import RESULT_STAGES
 from teams_rl.stages import Stage, plan
 
 log = logging.getLogger(__name__)
 
-RESULT_STAGES = ("policy", "generate", "finetune", "evaluate_base", "evaluate", "privacy")
 PUBLISHED = "report"
 
 
