@@ -84,6 +84,27 @@ def time_matmul(dtype: str, shape: tuple[int, int, int] = SHAPE, seconds: float 
     return best
 
 
+def matmul_flops(device: str, dtype: str, n: int, rounds: int = 5, iters: int = 10) -> float:
+    """Measured dense FLOP/s of `device` in `dtype`: the best of `rounds` timings of `iters` n x n x n products
+    (the peak a benchmark's MFU is read against when no spec sheet figure applies)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * iters / best
+
+
 def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

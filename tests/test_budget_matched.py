@@ -270,13 +270,14 @@ def test_the_sweep_report_has_the_method_table_and_figure(tmp_path):
 def test_the_mmlu_macro_score_gets_the_standard_error_of_its_subject_mean():
     import math
 
-    from teams_rl.report import methods
+    from teams_rl.report.collect import benchmark_stderr
+    from teams_rl.report.methods import _finetuned
 
     ev = {"finetuned/mmlu": 0.375, "finetuned/mmlu/acc": 0.4, "finetuned/mmlu/acc_macro": 0.375,
           "finetuned/mmlu/acc_stderr": 0.1, "finetuned/mmlu/a/acc": 0.5, "finetuned/mmlu/a/n": 5.0,
           "finetuned/mmlu/b/acc": 0.25, "finetuned/mmlu/b/n": 9.0}
     expected = math.sqrt(0.5 * 0.5 / 4 + 0.25 * 0.75 / 8) / 2
-    assert methods._stderr(ev, "mmlu") == pytest.approx(expected)
+    assert benchmark_stderr(_finetuned(ev), "mmlu") == pytest.approx(expected)
     ev["finetuned/mmlu/acc"] = 0.375   # a micro mean equal to the headline: lm-eval's own stderr
-    assert methods._stderr(ev, "mmlu") == pytest.approx(0.1)
-    assert methods._stderr({"finetuned/arc_challenge": 0.5}, "arc_challenge") is None
+    assert benchmark_stderr(_finetuned(ev), "mmlu") == pytest.approx(0.1)
+    assert benchmark_stderr({"arc_challenge": 0.5}, "arc_challenge") is None

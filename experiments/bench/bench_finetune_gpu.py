@@ -21,7 +21,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,26 +30,6 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
                 num_key_value_heads=4, vocab_size=32000)
 TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, vocab_size=1024)
-
-
-def matmul_peak_flops(device: str, dtype, n: int, rounds: int = 5, iters: int = 20) -> float:
-    """Dense matmul FLOP/s of this device in `dtype`: the best of `rounds` timings of `iters` n x n x n GEMMs."""
-    import torch
-
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * iters / best
 
 
 def build_model(folder: Path, shape: dict, max_positions: int) -> int:
@@ -137,7 +116,9 @@ def main() -> int:
     args.vocab = shape["vocab_size"]
     device = "cpu" if on_cpu else "cuda"
     dtype = torch.float32 if on_cpu else torch.bfloat16
-    peak = matmul_peak_flops(device, dtype, args.matmul_size)
+    from teams_rl.fast_dtype import matmul_flops
+
+    peak = matmul_flops(device, "float32" if on_cpu else "bfloat16", args.matmul_size, iters=20)
     with tempfile.TemporaryDirectory(prefix="bench_finetune_gpu_") as tmp:
         work = Path(tmp)
         params = build_model(work / "model", shape, max(args.seq_len, 2048))

@@ -70,26 +70,6 @@ def peak_for(device_name: str) -> float | None:
     return PEAK_BF16_FLOPS[max(keys, key=len)] if keys else None
 
 
-def matmul_flops(device: str, dtype_name: str, n: int, rounds: int = 5, iters: int = 10) -> float:
-    """Measured dense matmul FLOP/s: the best of `rounds` timings of `iters` n x n x n products."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(iters):
-            a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 * iters / best
-
-
 # -------------------------------------------------------------------------------------------- SFT sections
 def build_llama(folder: Path, shape: dict, max_positions: int, on_gpu: bool) -> dict:
     """A random-init Llama of `shape` saved (bf16 on a GPU) with the committed tiny tokenizer (for its special
@@ -184,6 +164,8 @@ def section_sft(work: Path, s: dict, smoke: bool) -> dict:
     attn = attention_flops_per_token(run["example_lengths"], shape["num_hidden_layers"], shape["hidden_size"])
     flops_per_token = 6 * counts["matmul_parameters"] + attn
     name = torch.cuda.get_device_name(0) if not smoke else "cpu"
+    from teams_rl.fast_dtype import matmul_flops
+
     measured = matmul_flops(device, "float32" if smoke else "bfloat16", s["matmul"])
     peak = measured if smoke else peak_for(name)
     run.pop("example_lengths")

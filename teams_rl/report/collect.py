@@ -59,13 +59,31 @@ HEADLINE_METRICS = ("acc_norm", "acc", "exact_match", "mc2")
 
 def benchmark_stderr(scores: dict, key: str) -> float | None:
     """lm-eval's standard error of the headline score `scores[key]` (the metric whose value it is), from one
-    series of `benchmark_series` (prefix stripped)."""
+    series of `benchmark_series` (prefix stripped); for a macro average over subjects (MMLU), the standard error
+    of that mean from each subject's binomial one."""
     head = number(scores.get(key))
+    if head is None:
+        return None
     for name in HEADLINE_METRICS:
         value = number(scores.get(f"{key}/{name}"))
-        if value is not None and head is not None and math.isclose(value, head):
+        if value is not None and math.isclose(value, head):
             return number(scores.get(f"{key}/{name}_stderr"))
+        macro = number(scores.get(f"{key}/{name}_macro"))
+        if macro is not None and math.isclose(macro, head):
+            return _macro_stderr(scores, key, name)
     return None
+
+
+def _macro_stderr(scores: dict, key: str, name: str) -> float | None:
+    """sqrt(sum of p(1-p)/(n-1) over the k subjects) / k: the subjects' sample standard errors, as lm-eval's."""
+    terms = []
+    for k, v in scores.items():
+        if k.startswith(f"{key}/") and k.endswith(f"/{name}") and k.count("/") == 2:
+            p, n = number(v), number(scores.get(k[: -len(name)] + "n"))
+            if p is None or n is None or n < 2:
+                return None
+            terms.append(p * (1 - p) / (n - 1))
+    return math.sqrt(sum(terms)) / len(terms) if terms else None
 
 
 def number(value) -> float | None:

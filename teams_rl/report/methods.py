@@ -8,15 +8,12 @@ mean ± the standard deviation over them instead (the note under the table says 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from teams_rl.report import tables as tbl
-from teams_rl.report.collect import number
-
-HEADLINE_METRICS = ("acc_norm", "acc", "mc2")   # lm-eval metric names a headline score may be
+from teams_rl.report.collect import benchmark_stderr, number
 
 
 @dataclass
@@ -50,33 +47,9 @@ def method_label(label: str, jobs) -> str:
     return ", ".join(parts)
 
 
-def _stderr(metrics: dict, key: str) -> float | None:
-    """lm-eval's standard error of the headline score `finetuned/<key>` (the metric whose value it is); for a
-    macro average over subjects (MMLU), the standard error of that mean from each subject's binomial one."""
-    head = number(metrics.get(f"finetuned/{key}"))
-    if head is None:
-        return None
-    for name in HEADLINE_METRICS:
-        value = number(metrics.get(f"finetuned/{key}/{name}"))
-        if value is not None and math.isclose(value, head):
-            return number(metrics.get(f"finetuned/{key}/{name}_stderr"))
-        macro = number(metrics.get(f"finetuned/{key}/{name}_macro"))
-        if macro is not None and math.isclose(macro, head):
-            return _macro_stderr(metrics, key, name)
-    return None
-
-
-def _macro_stderr(metrics: dict, key: str, name: str) -> float | None:
-    """sqrt(sum of p(1-p)/(n-1) over the k subjects) / k: the subjects' sample standard errors, as lm-eval's."""
-    prefix = f"finetuned/{key}/"
-    terms = []
-    for k, v in metrics.items():
-        if k.startswith(prefix) and k.endswith(f"/{name}") and k.count("/") == 3:
-            p, n = number(v), number(metrics.get(k[: -len(name)] + "n"))
-            if p is None or n is None or n < 2:
-                return None
-            terms.append(p * (1 - p) / (n - 1))
-    return math.sqrt(sum(terms)) / len(terms) if terms else None
+def _finetuned(ev: dict) -> dict:
+    """The fine-tuned model's scores of an evaluate manifest, prefix stripped (as `benchmark_series` gives)."""
+    return {k[len("finetuned/"):]: v for k, v in ev.items() if k.startswith("finetuned/")}
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -105,7 +78,8 @@ def rows(groups: dict[str, list], primary_attack: str = "loss") -> list[MethodRo
             value, spread = _mean_std([j.value("evaluate", f"finetuned/{key}") for j in done])
             if len(done) == 1:
                 ev = done[0].metrics.get("evaluate") or {}
-                spread = _average_stderr(ev) if key == "average" else _stderr(ev, key)
+                spread = (tbl.average_stderr(_finetuned(ev)) if key == "average"
+                          else benchmark_stderr(_finetuned(ev), key))
             row.scores[key] = (value, spread)
         a = primary_attack
         auc, spread = _mean_std([j.value("privacy", f"{a}/auc") for j in done])
@@ -127,14 +101,6 @@ def _calls(generate: dict, role: str) -> float | None:
 
 def _expert_calls(generate: dict) -> float | None:
     return _calls(generate, "expert")
-
-
-def _average_stderr(ev: dict) -> float | None:
-    """Standard error of the mean of the four benchmarks, treating them as independent samples."""
-    errs = [_stderr(ev, k) for k, _ in tbl.BENCHMARKS]
-    if any(e is None for e in errs):
-        return None
-    return math.sqrt(sum(e * e for e in errs)) / len(errs)
 
 
 def _pct(value: float | None, err: float | None) -> str:
