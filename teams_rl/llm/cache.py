@@ -22,8 +22,8 @@ class RequestCache:
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=60000")
+            _set_wal(conn)
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, model TEXT, value TEXT NOT NULL)"
             )
@@ -68,3 +68,18 @@ class RequestCache:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _set_wal(conn: sqlite3.Connection, attempts: int = 50) -> None:
+    """Switch to WAL; the switch needs a moment of exclusive access and sqlite answers "database is locked" at once
+    (no busy handler) while another process opens the same fresh file, so it is retried for up to ~10 s."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
