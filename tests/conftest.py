@@ -28,7 +28,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # `compose_config(..., scale=False)` composes the true default.
 TEST_SCALE = {"target": "tiny_llama", "rl": "trpo", "seeds.limit": "8", "generate.heldout_seeds": "null",
               "policy.updates": "3", "policy.n_envs": "8", "policy.steps_per_update": "2", "policy.max_tokens": "32",
-              "stages": "[policy,generate,finetune,evaluate,privacy,report]"}
+              "stages": "[policy,generate,finetune,evaluate,privacy,report]",
+              # the fake LLMs (tests/generate_fakes.py, evol_fakes.py) read the paper wording's "#Given Prompt#:"
+              "operators": "teams_rl", "generate": "default"}   # and generate=demo's rules need 2+ steps
 
 
 def scaled_down(overrides) -> list[str]:

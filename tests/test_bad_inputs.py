@@ -76,6 +76,7 @@ CONFIG_CASES = [
     (["finetune.batching=sorted"], "finetune.batching='sorted' is not one of grouped, packed, padded"),
     (["stages=[llm_check]", "llm_check.roles=[critic]"], "llm_check.roles: unknown role(s) critic"),
     (["dry_run.pilot=-1"], "dry_run.pilot must be >= 0, got -1"),
+    (["policy.final_window=0"], "policy.final_window must be >= 1, got 0"),
     (["rl.algorithm=sac"], "rl.algorithm 'sac' is unknown"),
     (["stages=[polish]"], "unknown stage 'polish'"),
 ]

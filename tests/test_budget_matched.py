@@ -145,6 +145,23 @@ def test_the_stage_commits_what_fit_and_says_it_was_capped(compose, tmp_path, ca
     assert "it ended the data after 3 of 6 seeds" in card
 
 
+def test_the_dry_run_estimate_of_a_capped_generation_is_the_cap(tmp_path):
+    """Under generate.on_budget=cap the generation stops sending at the budget: the dry run's expert requests
+    add up to the cap (in the uncapped plans' proportions), not the uncapped bound, and say so."""
+    from teams_rl.stages.generate import STAGE
+
+    def expert_plans(*extra):
+        return [p for p in STAGE.estimate(compose_config(CAP + list(extra), tmp_path)) if p.role == "expert"]
+
+    uncapped = expert_plans("generate.on_budget=stop", "expert.budget.max_queries=14")
+    assert sum(p.requests for p in uncapped) == 36                                   # 6 seeds x 3 steps x 2
+    capped = expert_plans("expert.budget.max_queries=14")
+    assert [p.purpose for p in capped] == [p.purpose for p in uncapped]
+    assert sum(p.requests for p in capped) == 14 and [p.requests for p in capped] == [7, 7]
+    assert all("capped: 14 of 36 expert requests" in p.note for p in capped)
+    assert [p.requests for p in expert_plans("expert.budget.max_queries=100")] == [18, 18]   # the bound fits
+
+
 def test_the_budget_is_in_the_fingerprint_only_under_a_cap(tmp_path):
     def gen_fp(*extra):
         return fingerprints(cfg := compose_config(GENERATE + list(extra), tmp_path), plan(cfg))["generate"]

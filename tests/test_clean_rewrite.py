@@ -33,7 +33,8 @@ HAND = [r for r in ROWS if r["source"] == "hand_written"]
 
 @pytest.fixture(scope="module")
 def cfg():
-    return compose_config()
+    """The default with the settings the fixture was collected at (experiments/tools/collect_rewrites.py)."""
+    return compose_config(["operators=teams_rl", "generate.evolve.max_tokens=48"])
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,7 @@ def test_evaluate_stage_on_offline_tasks(compose, tmp_path, tiny_llama_dir, othe
     reused when only the evaluated model changes."""
     from teams_rl.pipeline import run_pipeline
 
-    common = ["stages=[evaluate]", f"evaluate.base_model={tiny_llama_dir}", "evaluate.num_fewshot=0"]
+    common = ["stages=[evaluate]", "evaluate=offline", f"evaluate.base_model={tiny_llama_dir}", "evaluate.num_fewshot=0"]
     result = run_pipeline(compose(common + [f"evaluate.model={other_tiny}"]), tmp_path / "run1")
     base, ev = result["evaluate_base"], result["evaluate"]
     for key in OFFLINE_KEYS:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import REPO, scaled_down
 from tests.generate_fakes import fake_llm_overrides
@@ -110,6 +111,32 @@ def test_rules_choose_bias_forced_and_replaced():
     assert rules.choose(np.array([0.5, 0.0, 0.6, 0, 0, 0]), step=2) == 1      # +0.7 bias wins
     assert rules.choose(np.array([3.0, 0.0, 0.6, 0, 0, 0]), step=3) == 1      # in-breadth replaced
     assert rules.choose(np.array([0.0, 0.0, 0.9, 0, 0, 0]), step=5) == 2
+
+
+def test_replace_breadth_with_next_is_the_policys_own_next_choice(compose):
+    """`replace_breadth_with: next` (the embedded default's rule): where in-breadth is not forced, a policy
+    choice of in-breadth becomes its best other operator; on Gumbel-sampled scores that is a draw from the
+    policy renormalised over the in-depth operators."""
+    from teams_rl.errors import TeamsRLError
+    from teams_rl.evol.generation import Rules, build_rules
+    from teams_rl.evol.operators import load_operator_set
+
+    opset = load_operator_set(compose().operators)
+    rules = build_rules(OmegaConf.create({"episode_length": 3, "rules": {"forced_breadth_steps": [2],
+                                                                        "replace_breadth_with": "next"}}), opset)
+    assert rules.replace_breadth_with == Rules.NEXT
+    logp = np.log([0.9, 0.01, 0.01, 0.02, 0.05, 0.01])
+    assert rules.choose(logp, step=2) == 0                          # forced
+    assert rules.choose(logp, step=1) == 4 == rules.choose(logp, step=3)   # its second choice
+    assert rules.choose(np.log([0.1, 0.5, 0.1, 0.1, 0.1, 0.1]), step=1) == 1   # not in-breadth: kept
+    rng = np.random.default_rng(0)
+    draws = np.array([rules.choose(logp + rng.gumbel(size=6), step=1) for _ in range(4000)])
+    assert 0 not in draws
+    freq = np.bincount(draws, minlength=6)[1:] / len(draws)
+    assert np.allclose(freq, np.array([0.01, 0.01, 0.02, 0.05, 0.01]) / 0.10, atol=0.03), freq
+    with pytest.raises(TeamsRLError, match="replace_breadth_with=next needs an in-depth operator"):
+        build_rules(OmegaConf.create({"episode_length": 3, "rules": {"replace_breadth_with": "next"}}),
+                    load_operator_set(compose(["operators.ops=[breadth]"]).operators))
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def test_other_sets(compose, name, expected):
 
 
 def test_rendering_puts_the_instruction_in_the_slot_with_the_teams_rl_rules(compose):
-    opset = load_operator_set(compose().operators)
+    opset = load_operator_set(compose(["operators=teams_rl"]).operators)
     for i, op in enumerate(opset.operators):
         prompt = opset.render(i, "  How to cook food?\n")
         assert prompt.rstrip().endswith("#Given Prompt#:\nHow to cook food?")
@@ -48,13 +48,52 @@ def test_rendering_puts_the_instruction_in_the_slot_with_the_teams_rl_rules(comp
         opset.render(6, "x")
 
 
+def test_short_set_is_the_default_with_the_paper_operators_in_order(compose):
+    """The embedded default's short wording: the same six operators and kinds, each one line around the slot,
+    a fraction of the paraphrased official prompt; every preset of the paper keeps the long wording."""
+    from tests.conftest import compose_config
+
+    short = load_operator_set(compose_config([], scale=False).operators)
+    paper = load_operator_set(compose(["operators=teams_rl"]).operators)
+    assert short.name == "teams_rl_short" and short.names == PAPER_ORDER
+    assert [op.kind for op in short.operators] == [op.kind for op in paper.operators]
+    for i in range(len(PAPER_ORDER)):
+        prompt = short.render(i, "How to cook food?")
+        assert prompt.startswith('Here is a task: "How to cook food?"\n') and "${" not in prompt
+        assert prompt.endswith(" Write only the new task, as a request to an assistant.")
+        assert len(prompt.split()) < len(paper.render(i, "How to cook food?").split()) / 2.5
+    assert len({short.render(i, "x") for i in range(6)}) == 6 and "rarer" in short.render(0, "x")
+    for experiment in ("llama7b", "smoke", "wizardlm_baseline", "llama7b_wizardlm", "budget_matched_small"):
+        assert compose_config([f"+experiment={experiment}"], scale=False).operators.name == "teams_rl", experiment
+
+
+def test_echoes_of_a_short_template_and_of_the_given_instruction_are_no_rewrite():
+    """A one-line template shares the slot's line with its own words: an output that repeats that line keeps only
+    what is in the slot, lines of the template after the slot are dropped too, and an output that is only the
+    instruction it was given is rejected as an echo (`given`)."""
+    from teams_rl.evol.cleaning import clean_rewrite_counted
+    from tests.conftest import compose_config
+
+    short = load_operator_set(compose_config([], scale=False).operators)
+    template, prompt = short.operators[1].template, short.render(1, "Name three planets.")
+    echoed = clean_rewrite_counted(prompt, template=template, given="Name three planets.")
+    assert echoed.text is None and echoed.rejected == "given_echo" and "template_echo" in echoed.actions
+    framed = clean_rewrite_counted('Here is a task: "Name the three largest planets and their moons."', 3, template)
+    assert framed.text == "Name the three largest planets and their moons." and framed.actions == ("template_echo",)
+    tail = clean_rewrite_counted("Name the largest planet.\nWrite only the new task, as a request to an assistant.",
+                                 3, template)
+    assert tail.text == "Name the largest planet."
+    assert clean_rewrite_counted("Name three planets!", given="name three planets.").rejected == "given_echo"
+    assert clean_rewrite_counted("Name three planets and their moons.", given="Name three planets.").text
+
+
 def test_braces_in_templates_and_instructions_are_kept():
     op = Operator("json", "depth", 'Use {"key": 1} with:\n{instruction}')
     assert op.render('Parse {"a": [1, 2]}') == 'Use {"key": 1} with:\nParse {"a": [1, 2]}'
 
 
 def test_unknown_operator_fails_at_config_time_with_one_line(compose):
-    cfg = compose(["operators.ops=[breadth,make_it_funny]"])
+    cfg = compose(["operators=teams_rl", "operators.ops=[breadth,make_it_funny]"])
     with pytest.raises(TeamsRLError, match=r"unknown operator 'make_it_funny' in set 'teams_rl'") as err:
         load_operator_set(cfg.operators)
     assert "\n" not in str(err.value)

@@ -31,7 +31,7 @@ def test_tiny_seeds_are_varied_and_the_default_takes_a_prefix():
     for topic in ("python", "classify", "poem", "solve", "translate", "explain"):
         assert topic in text
     default = load_seeds(_cfg("tiny"))
-    assert default == seeds[: len(default)] and len(default) == 32  # the next 18 are the default non-members
+    assert default == seeds[: len(default)] and len(default) == 34  # the next 16 are the default non-members
     assert load_seeds({"kind": "tiny", "start": 48}) == seeds[48:]
 
 

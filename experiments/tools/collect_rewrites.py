@@ -1,7 +1,8 @@
 """Regenerate tests/fixtures/smollm2_rewrites.jsonl: real SmolLM2-135M-Instruct rewrites for `clean_rewrite`.
 
-Sends exactly the first-step requests the default generate stage would send to the expert: every operator of
-the default set applied to each of the first N tiny seeds (input merged as with `generate.merge_input`),
+Sends exactly the first-step requests the default generate stage would send to the expert with the paper's
+wording and 48-token rewrites (FIXTURE_SETTINGS: `operators=teams_rl`, the templates whose preambles and
+markers the cleaning learns from; the default's own short set is `teams_rl_short`): every operator applied to each of the first N tiny seeds (input merged as with `generate.merge_input`),
 `generate.evolve.max_tokens` tokens, the expert role's sampling (temperature, top_p) and the per-request seed
 the engine derives from (cfg.seed, seed id, step 1). The LLM request cache is not used. Takes a few minutes
 on 2 CPU cores (N=12: 72 requests). The hand-written WizardLM-style replies at the end of the fixture are kept
@@ -29,6 +30,9 @@ DEFAULT_OUT = ROOT / "tests" / "fixtures" / "smollm2_rewrites.jsonl"
 MODEL_SOURCE = "smollm2"
 
 
+FIXTURE_SETTINGS = ("operators=teams_rl", "generate.evolve.max_tokens=48")  # the requests the fixture holds
+
+
 def compose(seeds: int):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -37,7 +41,8 @@ def compose(seeds: int):
 
     register_role_groups()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=["logger=none", f"seeds.limit={seeds}"])
+        return hydra_compose(config_name="config",
+                             overrides=["logger=none", f"seeds.limit={seeds}", *FIXTURE_SETTINGS])
 
 
 def collect(seeds: int) -> list[dict]:

@@ -105,3 +105,25 @@ def check(cfg) -> None:
         raise TeamsRLError("generate.on_budget=cap counts every expert request against the budget: hold the "
                            "non-members out of the capped data (privacy.holdout_fraction or "
                            "generate.holdout_fraction), not with generate.heldout_seeds")
+
+
+def cap_plans(cfg, plans: list) -> list:
+    """The dry run's expert plans under a cap: the generation stops sending at `expert.budget.max_queries`, so
+    the uncapped counts are scaled down to that total (in their proportions; the last plan takes the rounding)
+    and say so. Without a cap, or when the bound fits, the plans are returned as they are."""
+    from dataclasses import replace
+
+    if not capped(cfg):
+        return plans
+    cap = int(cfg.expert.budget.max_queries)
+    expert = [p for p in plans if p.role == "expert"]
+    total = sum(p.requests for p in expert)
+    if total <= cap:
+        return plans
+    scaled, left = {}, cap
+    for i, p in enumerate(expert):
+        n = left if i == len(expert) - 1 else min(left, int(p.requests * cap / total))
+        scaled[id(p)], left = n, left - n
+    note = f"capped: {cap:,} of {total:,} expert requests (expert.budget.max_queries, generate.on_budget=cap)"
+    return [replace(p, requests=scaled[id(p)], note=f"{p.note}; {note}" if p.note else note) if id(p) in scaled
+            else p for p in plans]

@@ -137,13 +137,27 @@ def _norm(text: str) -> str:
 
 
 def _drop_template_echo(text: str, template: str | None, trace: _Trace) -> str:
-    """Drop lines (>= 4 words) that are a piece of the operator's own prompt, above its instruction slot."""
+    """Drop lines (>= 4 words) that are a piece of the operator's own prompt, on either side of its instruction
+    slot; a line that repeats the slot's own line ('Here is a task: "..."') keeps only what is in the slot."""
     if not template:
         return text
-    frame = _norm(template.split("{instruction}")[0])
-    kept = [line for line in text.split("\n") if not (_words(line) >= 4 and _norm(line) and _norm(line) in frame)]
-    if len(kept) != len(text.split("\n")):
-        trace.did("template_echo")
+    before, _, after = template.partition("{instruction}")
+    frames = [_norm(before), _norm(after)]
+    head, tail = before.rsplit("\n", 1)[-1], after.split("\n", 1)[0]
+    slot_line = None
+    if _words(head) + _words(tail) >= 2:  # the slot shares its line with template words (short templates)
+        slot_line = re.compile(r"\s*" + re.escape(head.strip()) + r"\s*(.+?)\s*" + re.escape(tail.strip()) + r"\s*$",
+                               re.IGNORECASE)
+    kept = []
+    for line in text.split("\n"):
+        match = slot_line.match(line) if slot_line else None
+        if match and _words(match.group(1)):
+            kept.append(match.group(1))
+            trace.did("template_echo")
+        elif _words(line) >= 4 and _norm(line) and any(_norm(line) in frame for frame in frames):
+            trace.did("template_echo")
+        else:
+            kept.append(line)
     return "\n".join(kept)
 
 
@@ -202,11 +216,13 @@ def _cut_trailer(text: str, trace: _Trace) -> str:
     return new
 
 
-def clean_rewrite_counted(text: str | None, min_words: int = 3, template: str | None = None) -> Cleaned:
+def clean_rewrite_counted(text: str | None, min_words: int = 3, template: str | None = None,
+                          given: str | None = None) -> Cleaned:
     """The instruction inside an LLM's rewrite output and the kinds of cleaning applied (see the module doc).
 
     `template`: the operator's prompt template, so that lines the model copied from it are dropped. Output with
-    fewer than `min_words` words, only meta talk, or only the echoed input section is rejected."""
+    fewer than `min_words` words, only meta talk, or only the echoed input section is rejected; with `given`
+    (the instruction that was rewritten), so is an output that only repeats it."""
     trace = _Trace()
     if not text or not text.strip():
         return Cleaned(None, (), "empty")
@@ -220,8 +236,8 @@ def clean_rewrite_counted(text: str | None, min_words: int = 3, template: str | 
         text = new
     text = _strip_wrappers(_cut_trailer(text, trace), trace)
     actions = tuple(trace.actions)
-    if _GIVEN_MARKER.match(text):  # the model echoed the template's input section only
-        return Cleaned(None, actions, "given_echo")
+    if _GIVEN_MARKER.match(text) or (given is not None and _norm(text) == _norm(given)):
+        return Cleaned(None, actions, "given_echo")  # the model echoed the input (section) only
     if not _words(text):
         return Cleaned(None, actions, "meta_only" if {"meta_lead", "template_echo"} & set(actions) else "empty")
     if _words(text) < max(1, min_words):
@@ -229,7 +245,8 @@ def clean_rewrite_counted(text: str | None, min_words: int = 3, template: str | 
     return Cleaned(text, actions)
 
 
-def clean_rewrite(text: str | None, min_words: int = 3, template: str | None = None) -> str | None:
+def clean_rewrite(text: str | None, min_words: int = 3, template: str | None = None,
+                  given: str | None = None) -> str | None:
     """The instruction inside an LLM's rewrite output, or None when nothing usable is left
     (`clean_rewrite_counted` also says which cleanings were applied)."""
-    return clean_rewrite_counted(text, min_words, template).text
+    return clean_rewrite_counted(text, min_words, template, given).text

@@ -32,12 +32,14 @@ def evolve_request(opset: OperatorSet, op: int, instruction: str, seed: int | No
                             seed=None if seed is None else int(seed), purpose=purpose)
 
 
-def to_rewrite(completion: Completion, min_words: int = 3, template: str | None = None) -> Rewrite:
+def to_rewrite(completion: Completion, min_words: int = 3, template: str | None = None,
+               given: str | None = None) -> Rewrite:
     """The cleaned instruction inside an answer (None: the answer is no usable rewrite, or the request failed).
-    `template`: the operator's template, so that lines the model copied from it are dropped."""
+    `template`: the operator's template, so that lines the model copied from it are dropped; `given`: the
+    instruction that was rewritten (an answer that only repeats it is no rewrite)."""
     if not completion.ok:
         return Rewrite(text=None, raw=completion.text or "", completion=completion)
-    cleaned = clean_rewrite_counted(completion.text, min_words=min_words, template=template)
+    cleaned = clean_rewrite_counted(completion.text, min_words=min_words, template=template, given=given)
     return Rewrite(text=cleaned.text, raw=completion.text or "", completion=completion, cleaning=cleaned.actions,
                    rejected_as=cleaned.rejected)
 
@@ -55,8 +57,8 @@ def evolve_detailed(client, opset: OperatorSet, instructions: Sequence[str], op_
     requests = [evolve_request(opset, op, text, None if seeds is None else seeds[i], purpose, max_tokens=max_tokens,
                                temperature=temperature)
                 for i, (text, op) in enumerate(zip(instructions, op_ids, strict=True))]
-    return [to_rewrite(c, min_words, opset[int(op)].template)
-            for c, op in zip(client.complete(requests), op_ids, strict=True)]
+    return [to_rewrite(c, min_words, opset[int(op)].template, given)
+            for c, op, given in zip(client.complete(requests), op_ids, instructions, strict=True)]
 
 
 def evolve(client, opset: OperatorSet, instructions: list[str], op_ids: list[int], seeds: list[int] | None = None,

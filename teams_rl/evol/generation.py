@@ -63,16 +63,24 @@ class Rules:
 
     forced_breadth_steps: frozenset[int]
     bias: np.ndarray                 # [n_ops], added to the scores
-    replace_breadth_with: int | None
+    replace_breadth_with: int | None  # an operator index, or NEXT: the policy's own best other operator
     breadth: tuple[int, ...]
+
+    NEXT = -1
 
     def choose(self, scores: np.ndarray, step: int) -> int:
         if step in self.forced_breadth_steps:
             return self.breadth[0]
-        op = int(np.argmax(scores + self.bias))
-        if self.replace_breadth_with is not None and op in self.breadth:
+        scored = scores + self.bias
+        op = int(np.argmax(scored))
+        if self.replace_breadth_with is None or op not in self.breadth:
+            return op
+        if self.replace_breadth_with != self.NEXT:
             return self.replace_breadth_with
-        return op
+        # the argmax over the other operators: with sampled (Gumbel) scores, a draw from the policy's
+        # distribution renormalised over them; with the mean scores, its second choice
+        others = np.array([i for i in range(len(scored)) if i not in self.breadth])
+        return int(others[np.argmax(scored[others])])
 
 
 def build_rules(gen, opset) -> Rules:
@@ -98,8 +106,16 @@ def build_rules(gen, opset) -> Rules:
             raise TeamsRLError(f"generate.rules.op_bias.{name} must be a number, got {value!r}")
         bias[index] += float(value)
     replace = C.get(rules, "replace_breadth_with")
-    return Rules(forced, bias, None if replace in (None, "") else opset.index(str(replace)),
-                 tuple(opset.breadth_indices))
+    if replace in (None, ""):
+        replace_with = None
+    elif str(replace) == "next":
+        if len(opset.breadth_indices) == len(opset):
+            raise TeamsRLError(f"generate.rules.replace_breadth_with=next needs an in-depth operator; set "
+                               f"'{opset.name}' has none")
+        replace_with = Rules.NEXT
+    else:
+        replace_with = opset.index(str(replace))
+    return Rules(forced, bias, replace_with, tuple(opset.breadth_indices))
 
 
 @dataclass(frozen=True)
@@ -312,7 +328,7 @@ class Generator:
     # -- results -> journal ------------------------------------------------------------------------
     def _record(self, kind: str, key: str, completion: Completion, extra: dict | None) -> dict:
         if kind == "evolve":
-            rewrite = to_rewrite(completion, self.s.min_words, self.opset[extra["op_index"]].template)
+            rewrite = to_rewrite(completion, self.s.min_words, self.opset[extra["op_index"]].template, extra["parent"])
             return {"kind": "evolve", "key": key, **extra, "instruction": rewrite.text, "raw": rewrite.raw,
                     "cleaning": list(rewrite.cleaning), "rejected_as": rewrite.rejected_as,
                     "error": None, "cached": completion.cached, "truncated": completion.truncated}

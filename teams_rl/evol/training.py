@@ -111,8 +111,11 @@ class UpdateRecorder:
         }
         for name, values in self.terms.items():
             row[f"reward/{name}"] = float(np.mean(values))
+        rewards, ops = np.asarray(self.rewards, dtype=float), np.asarray(self.ops, dtype=int)
         for i, name in enumerate(names):
             row[f"action_frac/{name}"] = float(counts[i] / n)
+            if counts[i]:  # which operator pays: its mean reward over this update's transitions that chose it
+                row[f"op_reward/{name}"] = float(rewards[ops == i].mean())
         return row
 
 

@@ -86,7 +86,7 @@ def _estimate(cfg: DictConfig) -> list:
         plans.append(RequestPlan("reviewer", "judge", n, [ChatRequest.chat(judge.render(t, t + " in detail"),
                                                                            max_tokens=judge.max_tokens, purpose="judge")
                                                           for t in texts], 2 * growth, "at most: one per answer"))
-    return plans
+    return budget_cap.cap_plans(cfg, plans)
 
 
 def _validate(cfg: DictConfig) -> None:
