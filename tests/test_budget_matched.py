@@ -298,3 +298,15 @@ def test_the_mmlu_macro_score_gets_the_standard_error_of_its_subject_mean():
     ev["finetuned/mmlu/acc"] = 0.375   # a micro mean equal to the headline: lm-eval's own stderr
     assert benchmark_stderr(_finetuned(ev), "mmlu") == pytest.approx(0.1)
     assert benchmark_stderr({"arc_challenge": 0.5}, "arc_challenge") is None
+
+
+def test_the_method_table_flags_small_and_degenerate_attack_intervals():
+    """Like a single run's privacy table: a method whose attack saw < 30 members per side, or whose bootstrap CI
+    has zero width, gets a WARNING note; a method with enough members and a real interval gets none."""
+    from teams_rl.report.methods import MethodRow, table
+
+    tiny = MethodRow("wizardlm", 1, auc=(1.0, 1.0, 1.0), n_members=2, n_nonmembers=2)
+    ample = MethodRow("teams_rl", 1, auc=(0.68, 0.57, 0.79), n_members=40, n_nonmembers=40)
+    notes = [n for n in table([tiny, ample]).notes if n.startswith("WARNING")]
+    assert len(notes) == 2 and all("(wizardlm)" in n for n in notes)
+    assert "2 members / 2 non-members is too small" in notes[0] and "degenerate interval" in notes[1]

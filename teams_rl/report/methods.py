@@ -135,6 +135,12 @@ def table(method_rows: list[MethodRow], primary_attack: str = "loss") -> tbl.Tab
             _pct(*r.scores.get("average", (None, None))), auc_cell,
             tbl.NOT_RUN if r.n_members is None else f"{_count(r.n_members)} + {_count(r.n_nonmembers)}",
         ])
+        # the same flags as a single run's privacy table: too few members for a CI, a zero-width bootstrap CI
+        flagged = {"n_members": r.n_members, "n_nonmembers": r.n_nonmembers}
+        if not several and auc is not None:
+            flagged.update({f"{primary_attack}/auc": auc, f"{primary_attack}/auc_ci_low": lo,
+                            f"{primary_attack}/auc_ci_high": hi})
+        t.notes += tbl.interval_warnings(r.label, flagged)
     t.notes += [
         "expert queries = the expert requests each method's generation needed (evolve + answer, cache hits "
         "included), under the same `expert.budget.max_queries`; capped = the budget ended the data (the next "

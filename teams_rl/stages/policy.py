@@ -178,5 +178,5 @@ def _summary(s, opset, run, window_updates: int) -> dict:
     return metrics
 
 
-STAGE = Stage(name="policy", version=2, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
+STAGE = Stage(name="policy", version=3, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
               resumable=True, validate=_validate, roles=_roles, estimate=_estimate)

@@ -56,6 +56,6 @@ def run(cfg: DictConfig, ctx) -> dict:
     return metrics
 
 
-STAGE = Stage(name="policy_baseline", version=1, run=run, config_keys=_config_keys,
+STAGE = Stage(name="policy_baseline", version=2, run=run, config_keys=_config_keys,
               run_only_keys=policy_stage.RUN_ONLY_KEYS, resumable=True, validate=_validate, roles=_roles,
               estimate=_estimate)
