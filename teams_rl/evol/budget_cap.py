@@ -120,10 +120,14 @@ def cap_plans(cfg, plans: list) -> list:
     total = sum(p.requests for p in expert)
     if total <= cap:
         return plans
-    scaled, left = {}, cap
-    for i, p in enumerate(expert):
-        n = left if i == len(expert) - 1 else min(left, int(p.requests * cap / total))
-        scaled[id(p)], left = n, left - n
+    out, left, seen = [], cap, 0
     note = f"capped: {cap:,} of {total:,} expert requests (expert.budget.max_queries, generate.on_budget=cap)"
-    return [replace(p, requests=scaled[id(p)], note=f"{p.note}; {note}" if p.note else note) if id(p) in scaled
-            else p for p in plans]
+    for p in plans:
+        if p.role != "expert":
+            out.append(p)
+            continue
+        seen += 1
+        n = left if seen == len(expert) else min(left, int(p.requests * cap / total))
+        left -= n
+        out.append(replace(p, requests=n, note=f"{p.note}; {note}" if p.note else note))
+    return out

@@ -38,6 +38,7 @@ class PolicySettings:
     checkpoint_every: int = 1
     keep_checkpoints: int | None = 1
     keep_updates: tuple[int, ...] = ()
+    final_window: int | None = None  # updates of the "final reward" (null: the last half)
     prob_samples: int = 1024
     progress: bool = True
     torch_threads: int | None = 1
@@ -50,6 +51,12 @@ class PolicySettings:
     def rollout(self) -> int:
         """Transitions collected per update (all envs)."""
         return self.steps_per_update * self.n_envs
+
+    @property
+    def final_updates(self) -> int:
+        """Updates whose transitions make the trained policy's "final reward" (its n goes in the metrics):
+        `policy.final_window`, or the last half of training (the usual report of an RL run's final return)."""
+        return self.final_window if self.final_window is not None else max(1, (self.updates + 1) // 2)
 
     @property
     def trains(self) -> bool:
@@ -108,6 +115,7 @@ class PolicySettings:
             min_words=C.integer(cfg, "policy.min_words", minimum=0, optional=True) or 1,
             checkpoint_every=max(1, C.integer(cfg, "policy.checkpoint_every", minimum=0, optional=True) or 1),
             keep_checkpoints=C.integer(cfg, "policy.keep_checkpoints", minimum=0, optional=True),
+            final_window=C.integer(cfg, "policy.final_window", minimum=1, optional=True),
             keep_updates=tuple(sorted(set(C.integer_list(cfg, "policy.keep_updates", minimum=1,
                                                          maximum=sizes["updates"])))),
             prob_samples=C.integer(cfg, "policy.prob_samples", minimum=1, optional=True) or 1024,

@@ -30,15 +30,6 @@ log = logging.getLogger(__name__)
 RUN_ONLY_KEYS = ("policy.checkpoint_every", "policy.keep_checkpoints", "policy.torch_threads",
                  "policy.max_failed_fraction")
 
-
-def final_window(cfg: DictConfig, updates: int) -> int:
-    """Updates whose transitions make the trained policy's "final reward" (its n goes in the metrics):
-    `policy.final_window`, or the last half of training (the usual report of an RL run's final return)."""
-    from teams_rl import config as C
-
-    given = C.integer(cfg, "policy.final_window", minimum=1, optional=True)
-    return int(given) if given is not None else max(1, (int(updates) + 1) // 2)
-
 SUMMED_COUNTS = ("llm_queries/instructor", "llm_queries/reviewer", "requests/instructor", "requests/reviewer")
 
 
@@ -68,7 +59,6 @@ def _validate(cfg: DictConfig) -> None:
     from teams_rl.evol.seeds import check_seeds
 
     s, _ = _settings(cfg)
-    final_window(cfg, s.updates)
     build_reward(cfg.get("reward"))  # unknown terms and bad weights, without building a reviewer client
     if not s.seed_instructions:
         check_seeds(cfg.get("seeds"))
@@ -145,10 +135,10 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
     if run.history:
         plot = learning_curve(run.history, run.names, out_dir / "learning_curve.png", title)
         ctx.tracker.log_image("policy/learning_curve", plot)
-    return _summary(s, opset, run, final_window(cfg, s.updates))
+    return _summary(s, opset, run)
 
 
-def _summary(s, opset, run, window_updates: int) -> dict:
+def _summary(s, opset, run) -> dict:
     from teams_rl.evol.training import reward_window
 
     history = run.history
@@ -168,7 +158,7 @@ def _summary(s, opset, run, window_updates: int) -> dict:
         **{k: float(np.mean([r.get(k, 0.0) for r in history])) if history else None
            for k in (f"cleaning/{kind}" for kind in CLEANING_KINDS)},
     }
-    window = reward_window(history, window_updates)
+    window = reward_window(history, s.final_updates)
     metrics.update({"final_window/mean_reward": window["mean"], "final_window/reward_se": window["se"],
                     "final_window/transitions": window["n"], "final_window/updates": window["updates"]})
     for key in SUMMED_COUNTS:
