@@ -27,7 +27,13 @@ def server():
         yield srv
 
 
-def server_roles(server, max_outage_s: float = 30.0, timeout_s: float = 0.5) -> list[str]:
+# Only the hang faults need a short client timeout. Elsewhere a timeout is a second attempt at a request the
+# server already counted; under CI load (xdist workers beside a DeepSpeed test) 0.5 s was exceeded, and that
+# retry then met no scripted fault (CI: 55 of 57 expert replies truncated instead of all 57).
+PATIENT_S = 30.0
+
+
+def server_roles(server, max_outage_s: float = 30.0, timeout_s: float = PATIENT_S) -> list[str]:
     out = []
     for role in ROLES:
         out += [f"{role}=vllm_server", f"{role}.backend.base_url={server.base_url}",
@@ -70,7 +76,7 @@ def test_thirty_percent_mixed_faults_give_the_fault_free_dataset(compose, tmp_pa
     assert needed == paid(server) and clean["generate"]["dataset/size"] > 0
     server.reset()
     server.add_fault(MIXED, rate=0.3, seed=7, retry_after="0")
-    cfg, faulty, faulty_folder = run(compose, tmp_path, "faulty", server)
+    cfg, faulty, faulty_folder = run(compose, tmp_path, "faulty", server, timeout_s=0.5)  # < hang_s
     kinds = {r.fault for r in server.records if r.fault}
     assert kinds == set(MIXED), kinds  # every kind was injected
     assert dataset(faulty_folder) == dataset(clean_folder)
