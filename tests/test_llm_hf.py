@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from teams_rl.errors import TeamsRLError
@@ -191,6 +193,24 @@ def test_smollm2_answers_coherently():
     same = gguf.complete([ChatRequest.chat("What is the capital of France?", max_tokens=16, temperature=0.0)])[0]
     gguf.close()
     assert same.text == capital.text
+
+
+def test_a_batch_prefix_shared_by_every_row_is_prefilled_once_with_the_same_answers(tiny_llama_dir):
+    """Rows that start alike (a chat system prompt, a template's first words) but differ in length: the shared
+    tokens are prefilled once, the tails after padding; the answers equal the plain left-padded batch's."""
+    head = "Here is a task: "
+    prompts = [f"{head}{topic}" for topic in ("cats", "the tax code of a small country", "volcanoes", "jazz", "rain")]
+    requests = [ChatRequest.chat(p, max_tokens=6, temperature=t, seed=i)
+                for i, p in enumerate(prompts) for t in (0.0, 0.8)]
+    plain = HFBackend(tiny_llama_dir, show_progress=False, shared_prefix=False, batch_size=4)
+    shared = HFBackend(tiny_llama_dir, show_progress=False, batch_size=4)  # on by default
+    expected = [a.text for a in plain.complete(requests)]
+    assert [a.text for a in shared.complete(requests)] == expected
+    assert plain.shared_prefill_saved == 0
+    ids = [shared._prompt_ids(r) for r in requests]
+    head_tokens = min(len(os.path.commonprefix([a, b])) for a in ids for b in ids)
+    # batches of 4, 4 and 2 rows: each prefills the shared tokens once instead of once per row
+    assert head_tokens >= 8 and shared.shared_prefill_saved >= head_tokens * (3 + 3 + 1)
 
 
 def test_prefix_reuse_gives_the_same_answers_and_skips_the_shared_prefill(tiny_llama_dir):

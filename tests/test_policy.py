@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,26 @@ def test_policy_baseline_rolls_random_operators_over_the_same_budget_once_for_ev
     diff = trained["final_window/mean_reward"] - base["baseline/mean_reward"]
     se = (trained["final_window/reward_se"] ** 2 + base["baseline/reward_se"] ** 2) ** 0.5
     assert diff > 2 * se
+
+
+def test_the_random_baseline_rolls_out_wide_with_the_policys_layout_of_transitions(compose, tmp_path, monkeypatch):
+    """Independent episodes run side by side: one batched step per episode step (here 3 instead of 7), and
+    each update row holds the transitions the policy's layout gives it (same count, same episode ends)."""
+    import teams_rl.evol.env as env_module
+
+    batches = []
+    step_envs = env_module.step_envs
+    monkeypatch.setattr(env_module, "step_envs", lambda envs, actions: batches.append(len(envs)) or
+                        step_envs(envs, actions))
+    over = FAKES + ["stages=[policy,policy_baseline]", "reward=reviewer_judge", "policy.progress=false", "rl=ppo",
+                    "policy.updates=7", "policy.n_envs=4", "policy.steps_per_update=1", "policy.episode_length=3"]
+    cfg = compose(over, artifacts=tmp_path / "artifacts")
+    metrics = run_pipeline(cfg, tmp_path / "run")
+    folders = {stage: Path(cfg.paths.artifacts) / stage / fp for stage, fp in fingerprints(cfg, plan(cfg)).items()}
+    policy, base = ([json.loads(line) for line in (folders[stage] / "metrics.jsonl").read_text().splitlines()]
+                    for stage in ("policy", "policy_baseline"))
+    assert batches[-3:] == [12, 8, 8] and sum(batches[-3:]) == 7 * 4  # 4 envs x 3 episodes, the 3rd one step long
+    assert [r["transitions"] for r in base] == [r["transitions"] for r in policy] == [4] * 7
+    assert [r["episodes"] for r in base] == [r["episodes"] for r in policy] == [0, 0, 4, 0, 0, 4, 0]
+    assert base[-1]["requests/instructor"] == metrics["policy_baseline"]["requests/instructor"] == 28
+    assert base[-1]["llm_queries/instructor"] == 28 and (folders["policy_baseline"] / "learning_curve.png").is_file()

@@ -61,6 +61,13 @@ def _local_generation(d):
     return result, f"≥ {d['target_speedup']}×", d.get("meets_target")
 
 
+def _shared_prefix(d):
+    result = (f"{d['rows']} rewrites, {d['shared_tokens']} of {d['prompt_tokens_mean']} prompt tokens shared: "
+              f"{d['plain_s']} s vs {d['shared_s']} s = **{_x(d['speedup'])}**; identical answers "
+              f"{d['identical_answers']}/{d['rows']}")
+    return result, f"≥ {d['target_speedup']}×", d.get("meets_target")
+
+
 def _vecenv(d):
     result = (f"{d['batched_env_steps_per_s']} vs {d['one_at_a_time_env_steps_per_s']} env-steps/s = "
               f"**{_x(d['ratio'])}**; identical instructions {d.get('identical_instructions')}")
@@ -106,6 +113,7 @@ def _finetune_gpu(d):
 
 
 SUMMARIES = {"request_engine": _request_engine, "local_generation": _local_generation, "vecenv": _vecenv,
+             "shared_prefix": _shared_prefix,
              "dedup": _dedup, "packing": _packing, "privacy_scoring": _privacy_scoring,
              "generate_stage": _generate_stage, "finetune_gpu": _finetune_gpu}
 RATIO_WORDS = ("speedup", "ratio", "fraction", "efficiency", "mfu")

@@ -231,6 +231,21 @@ class BaselineTrainer:
 
 # ------------------------------------------------------------------------------------------------ one run
 
+def env_parts(s: PolicySettings, n_ops: int, reward_cfg, llm: Callable, llm_threads: int | None):
+    """(reward, instructor client, observation encoder, EnvSettings) of the policy's evolution envs."""
+    from teams_rl.evol.env import EnvSettings
+    from teams_rl.evol.observations import ObservationEncoder
+    from teams_rl.evol.rewards import build_reward
+
+    reward = build_reward(reward_cfg, reviewer=lambda: ThreadedClient(llm("reviewer"), llm_threads))
+    settings = EnvSettings(episode_length=s.episode_length, action_space=s.action_space,
+                           action_bias=None if s.bias is None else list(s.bias),
+                           carry_instruction=s.carry_instruction, max_tokens=s.max_tokens,
+                           temperature=s.temperature, min_words=s.min_words, seed=s.seed)
+    return (reward, ThreadedClient(llm("instructor"), llm_threads),
+            ObservationEncoder(s.obs, n_ops, s.episode_length), settings)
+
+
 class PolicyTraining:
     """One policy-training run: the batched env over the instructor, the reward, the trainer and its history.
 
@@ -238,21 +253,13 @@ class PolicyTraining:
     `llm_threads` is the torch thread count for LLM calls (the policy networks train on `s.torch_threads`)."""
 
     def __init__(self, s: PolicySettings, opset, seeds: list, reward_cfg, llm: Callable, llm_threads: int | None = None):
-        from teams_rl.evol.env import EnvSettings, EvolutionVecEnv, make_envs
-        from teams_rl.evol.observations import ObservationEncoder
-        from teams_rl.evol.rewards import build_reward
+        from teams_rl.evol.env import EvolutionVecEnv, make_envs
 
         self.s = s
         self.opset = opset
         self.names = opset.names
         self.llm = llm
-        self.reward = build_reward(reward_cfg, reviewer=lambda: ThreadedClient(llm("reviewer"), llm_threads))
-        self.instructor = ThreadedClient(llm("instructor"), llm_threads)
-        self.encoder = ObservationEncoder(s.obs, len(opset), s.episode_length)
-        settings = EnvSettings(episode_length=s.episode_length, action_space=s.action_space,
-                               action_bias=None if s.bias is None else list(s.bias),
-                               carry_instruction=s.carry_instruction, max_tokens=s.max_tokens,
-                               temperature=s.temperature, min_words=s.min_words, seed=s.seed)
+        self.reward, self.instructor, self.encoder, settings = env_parts(s, len(opset), reward_cfg, llm, llm_threads)
         self.raw_env = EvolutionVecEnv(make_envs(s.n_envs, self.instructor, opset, seeds, self.reward, self.encoder,
                                                  settings))
         self.venv = self.raw_env

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 HALF_DTYPES = ("bfloat16", "float16", "half")
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 DEFAULT_MAX_TOKENS = 256
+# A batch whose rows share at least this many leading tokens prefills them once (`shared_prefix`); SmolLM2's
+# chat template alone gives ~24 (its default system prompt), the short operator prompts ~30 of ~80 tokens.
+SHARED_PREFIX_MIN_TOKENS = 8
 
 
 @dataclass
@@ -122,7 +125,7 @@ class HFBackend:
     def __init__(self, model: str, cache_dir: str | None = None, dtype: str = "float32", device: str = "auto",
                  batch_size: int = 8, max_input_tokens: int | None = None, generate_kwargs: dict | None = None,
                  show_progress: bool = True, empty_retries: int = 2, prefix_cache: int = 0,
-                 prefix_min_tokens: int = 32, chat_format: str = "auto", **_):
+                 prefix_min_tokens: int = 32, shared_prefix: bool = True, chat_format: str = "auto", **_):
         from teams_rl.fast_dtype import check_dtype
         from teams_rl.llm.chat_format import check_chat_format
 
@@ -139,6 +142,8 @@ class HFBackend:
         self.generate_kwargs = dict(generate_kwargs or {})
         self.show_progress = show_progress
         self.empty_retries = int(empty_retries)
+        self.shared_prefix = bool(shared_prefix)
+        self.shared_prefill_saved = 0  # prompt tokens not prefilled again thanks to `shared_prefix`
         self.prefix = None
         if int(prefix_cache) > 0:
             from teams_rl.llm.prefix_cache import PrefixCache
@@ -369,15 +374,21 @@ class HFBackend:
             max_new_tokens=max_new, do_sample=False, num_beams=1, use_cache=True,
             eos_token_id=sorted(self._stop_ids), pad_token_id=tok.pad_token_id, **extra,
         )
+        from teams_rl.llm.prefix_cache import batched_cache, shared_batch, shared_length
+
+        rows_ids = [r.ids for r in rows]
+        shared = shared_length(rows_ids) if self.shared_prefix and self.prefix is None else 0
         start = time.perf_counter()
         with torch.inference_mode():
-            if self.prefix is not None and max(len(r.ids) for r in rows) > 1:
-                from teams_rl.llm.prefix_cache import batched_cache
-
-                input_ids, mask, cache = batched_cache(model, [r.ids for r in rows], self.prefix, tok.pad_token_id)
+            if self.prefix is not None and max(len(ids) for ids in rows_ids) > 1:
+                input_ids, mask, cache = batched_cache(model, rows_ids, self.prefix, tok.pad_token_id)
+                batch = {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
+            elif shared >= SHARED_PREFIX_MIN_TOKENS:
+                input_ids, mask, cache = shared_batch(model, rows_ids, shared, tok.pad_token_id)
+                self.shared_prefill_saved += shared * (len(rows_ids) - 1)
                 batch = {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
             else:
-                batch = tok.pad({"input_ids": [r.ids for r in rows]}, padding=True, return_tensors="pt")
+                batch = tok.pad({"input_ids": rows_ids}, padding=True, return_tensors="pt")
                 batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model.generate(**batch, generation_config=config,
                                  logits_processor=LogitsProcessorList([SeededSampler(rows, model.device)]))

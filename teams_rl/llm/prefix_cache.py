@@ -8,6 +8,10 @@ seen prompts (at least `min_tokens` long), and kept in a small LRU. Each row the
 (batch 1, on a copy of the prefix states), the rows are left-padded into one batched cache, and `generate`
 decodes them together from their last prompt token. Greedy outputs equal the plain batched prefill's
 (tested); sampled ones are as reproducible as before (the same calls give the same text).
+
+`shared_batch` is the cheap special case that needs no LRU: the tokens every row of one batch starts with (a
+chat template's system prompt and the start of a short operator template) are prefilled once at batch 1 and
+the rows' tails together, batched, in `generate`'s own first forward.
 """
 
 from __future__ import annotations
@@ -77,6 +81,38 @@ class PrefixCache:
 
     def remember(self, ids: list[int]) -> None:
         self._recent.append(ids)
+
+
+def shared_length(rows_ids: list[list[int]]) -> int:
+    """How many leading tokens all rows share, leaving every row at least one token of its own."""
+    first = rows_ids[0]
+    shared = min(common_prefix(first, ids) for ids in rows_ids[1:]) if len(rows_ids) > 1 else 0
+    return min(shared, min(len(ids) for ids in rows_ids) - 1)
+
+
+def shared_batch(model, rows_ids: list[list[int]], length: int, pad_id: int = 0):
+    """(input_ids, attention_mask, DynamicCache) for `generate`: the first `length` tokens (shared by every
+    row) prefilled once and in the cache for all rows; each row's tail follows after left padding between the
+    prefix and the tail (masked; positions come from the mask, so a tail sits right after the prefix)."""
+    import torch
+    from transformers import DynamicCache
+
+    device, n = model.device, len(rows_ids)
+    prefix = torch.tensor([rows_ids[0][:length]], device=device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    layers = [(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous())
+              for layer in cache.layers]
+    width = max(len(ids) for ids in rows_ids)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    input_ids[:, :length] = prefix
+    mask[:, :length] = 1
+    for r, ids in enumerate(rows_ids):
+        tail = len(ids) - length
+        input_ids[r, width - tail:] = torch.tensor(ids[length:], device=device)
+        mask[r, width - tail:] = 1
+    return input_ids, mask, DynamicCache(ddp_cache_data=layers, config=model.config)
 
 
 def batched_cache(model, rows_ids: list[list[int]], prefix: PrefixCache, pad_id: int = 0):

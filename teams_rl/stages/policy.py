@@ -46,7 +46,7 @@ def _config_keys(cfg: DictConfig) -> list[str]:
     return keys
 
 
-def _settings(cfg: DictConfig):
+def settings(cfg: DictConfig):
     from teams_rl.evol.operators import load_operator_set
     from teams_rl.evol.policy_settings import PolicySettings
 
@@ -58,7 +58,7 @@ def _validate(cfg: DictConfig) -> None:
     from teams_rl.evol.rewards import build_reward
     from teams_rl.evol.seeds import check_seeds
 
-    s, _ = _settings(cfg)
+    s, _ = settings(cfg)
     build_reward(cfg.get("reward"))  # unknown terms and bad weights, without building a reviewer client
     if not s.seed_instructions:
         check_seeds(cfg.get("seeds"))
@@ -73,7 +73,7 @@ def _estimate(cfg: DictConfig) -> list:
     from teams_rl.llm.plans import RequestPlan
     from teams_rl.llm.types import ChatRequest
 
-    s, opset = _settings(cfg)
+    s, opset = settings(cfg)
     texts = [item[1] if isinstance(item, tuple) else item.instruction for item in seed_pool(s, cfg.get("seeds"))[:16]]
     n, growth = s.updates * s.rollout, 27 * (s.episode_length - 1) / 2
     plans = [RequestPlan("instructor", "evolve", n, [evolve_request(opset, i % len(opset), t, max_tokens=s.max_tokens,
@@ -106,7 +106,7 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
     from teams_rl.evol.training import PolicyTraining, seed_pool, write_metrics
     from teams_rl.plotting import learning_curve
 
-    s, opset = _settings(cfg)
+    s, opset = settings(cfg)
     run = PolicyTraining(s, opset, seed_pool(s, cfg.get("seeds")), cfg.get("reward"), ctx.llm, llm_threads)
     if ctx.failures is not None:  # the failure budget's denominator: the requests all updates send
         ctx.failures.planned = s.updates * s.rollout * len(_roles(cfg))
@@ -135,18 +135,18 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
     if run.history:
         plot = learning_curve(run.history, run.names, out_dir / "learning_curve.png", title)
         ctx.tracker.log_image("policy/learning_curve", plot)
-    return _summary(s, opset, run)
+    return summary(s, opset, run.history)
 
 
-def _summary(s, opset, run) -> dict:
+def summary(s, opset, history: list[dict]) -> dict:
+    """The stage's metrics from its per-update rows."""
     from teams_rl.evol.training import reward_window
 
-    history = run.history
     last, first = (history[-1], history[0]) if history else ({}, {})
     metrics = {
         "algorithm": s.algorithm,
         "operator_set": opset.name,
-        "updates": run.done,
+        "updates": len(history),
         "timesteps": last.get("timesteps", 0),
         "first_mean_reward": first.get("mean_reward"),
         "final_mean_reward": last.get("mean_reward"),
@@ -163,7 +163,7 @@ def _summary(s, opset, run) -> dict:
                     "final_window/transitions": window["n"], "final_window/updates": window["updates"]})
     for key in SUMMED_COUNTS:
         metrics[key] = last.get(key, 0)
-    for name in run.names:
+    for name in opset.names:
         metrics[f"op_prob/{name}"] = last.get(f"op_prob/{name}")
     return metrics
 

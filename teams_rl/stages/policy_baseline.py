@@ -5,6 +5,12 @@ The yardstick of the learning curve: the same instructor, seeds, operator set, r
 (WizardLM's way) and nothing trained. Its fingerprint leaves out `rl`, so one baseline serves every algorithm of
 an `rl` sweep and is computed once. The report compares the policy's final reward (its last updates) with the
 baseline's mean reward over all its transitions, with the standard error of the difference.
+
+When its episodes are independent (`policy.carry_instruction: false`, the default) the baseline is rolled out
+wide (`teams_rl.evol.wide_rollout`): all its episodes at once, one batched call per episode step, each
+transition filed under the update it has in the policy's layout. Artifact folder: metrics.jsonl (one row per
+update) and learning_curve.png. Otherwise (the paper preset carries the instruction over) it is the policy
+stage's own loop with the random agent, checkpoints included.
 """
 
 from __future__ import annotations
@@ -46,16 +52,46 @@ def _estimate(cfg: DictConfig) -> list:
 
 def run(cfg: DictConfig, ctx) -> dict:
     from teams_rl.evol.training import reward_window
+    from teams_rl.evol.wide_rollout import wide_possible
 
-    metrics = policy_stage.run(random_config(cfg), ctx)
-    history = [json.loads(line)
-               for line in (Path(ctx.out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    random_cfg = random_config(cfg)
+    s, opset = policy_stage.settings(random_cfg)
+    if wide_possible(s):
+        history = _wide(random_cfg, ctx, s, opset)
+        metrics = policy_stage.summary(s, opset, history)
+    else:
+        metrics = policy_stage.run(random_cfg, ctx)
+        history = [json.loads(line)
+                   for line in (Path(ctx.out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     window = reward_window(history)
     metrics.update({"baseline/mean_reward": window["mean"], "baseline/reward_se": window["se"],
                     "baseline/transitions": window["n"]})
     return metrics
 
 
-STAGE = Stage(name="policy_baseline", version=2, run=run, config_keys=_config_keys,
+def _wide(cfg: DictConfig, ctx, s, opset) -> list[dict]:
+    import torch
+
+    from teams_rl.evol.training import seed_pool, torch_threads, write_metrics
+    from teams_rl.evol.wide_rollout import WideRandomRollout
+    from teams_rl.plotting import learning_curve
+
+    llm_threads = torch.get_num_threads()
+    if ctx.failures is not None:  # the failure budget's denominator: every request of the rollout
+        ctx.failures.planned = s.updates * s.rollout * len(_roles(cfg))
+    with torch_threads(s.torch_threads):
+        rollout = WideRandomRollout(s, opset, seed_pool(s, cfg.get("seeds")), cfg.get("reward"), ctx.llm, llm_threads)
+        history = rollout.run(progress=s.progress)
+    out_dir = Path(ctx.out_dir)
+    write_metrics(out_dir, history)
+    for row in history:
+        ctx.log({k: v for k, v in row.items() if v is not None and k != "update"}, step=row["update"])
+    title = f"random on {opset.name} ({s.n_envs} envs x {s.steps_per_update} steps/update, rolled out wide)"
+    ctx.tracker.log_image("policy/learning_curve", learning_curve(history, opset.names,
+                                                                  out_dir / "learning_curve.png", title))
+    return history
+
+
+STAGE = Stage(name="policy_baseline", version=3, run=run, config_keys=_config_keys,
               run_only_keys=policy_stage.RUN_ONLY_KEYS, resumable=True, validate=_validate, roles=_roles,
               estimate=_estimate)
