@@ -245,3 +245,17 @@ def test_the_random_baseline_rolls_out_wide_with_the_policys_layout_of_transitio
     assert [r["episodes"] for r in base] == [r["episodes"] for r in policy] == [0, 0, 4, 0, 0, 4, 0]
     assert base[-1]["requests/instructor"] == metrics["policy_baseline"]["requests/instructor"] == 28
     assert base[-1]["llm_queries/instructor"] == 28 and (folders["policy_baseline"] / "learning_curve.png").is_file()
+
+
+def test_a_baseline_whose_episodes_carry_over_steps_like_the_policy(compose, tmp_path):
+    """With `carry_instruction` (the paper) an episode starts where the last ended, so the episodes are not
+    independent: the baseline runs the policy stage's own loop (checkpoints included), over the same budget."""
+    over = FAKES + ["stages=[policy_baseline]", "reward=reviewer_judge", "policy.progress=false",
+                    "policy.carry_instruction=true", "policy.updates=4", "policy.n_envs=3", "policy.episode_length=2",
+                    "policy.steps_per_update=1"]
+    cfg = compose(over, artifacts=tmp_path / "artifacts")
+    base = run_pipeline(cfg, tmp_path / "run")["policy_baseline"]
+    folder = Path(cfg.paths.artifacts) / "policy_baseline" / fingerprints(cfg, plan(cfg))["policy_baseline"]
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert base["algorithm"] == "random" and base["baseline/transitions"] == 4 * 3 == sum(r["transitions"] for r in rows)
+    assert (folder / "checkpoints").is_dir() and base["requests/instructor"] == 12

@@ -20,6 +20,7 @@ A reply with nothing usable left is rejected, with a reason (`REJECTIONS`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -136,18 +137,25 @@ def _norm(text: str) -> str:
     return " ".join(re.sub(r"[#*\"'`:]", " ", text.lower()).split()).strip(" .!?")
 
 
+@functools.lru_cache(maxsize=64)  # one entry per operator template: computed once, not once per rewrite
+def _template_parts(template: str) -> tuple[tuple[str, str], re.Pattern | None]:
+    """(the normalised template text before and after its slot, a pattern for the slot's own line when the slot
+    shares its line with template words, as in the short templates)."""
+    before, _, after = template.partition("{instruction}")
+    head, tail = before.rsplit("\n", 1)[-1], after.split("\n", 1)[0]
+    slot_line = None
+    if _words(head) + _words(tail) >= 2:
+        slot_line = re.compile(r"\s*" + re.escape(head.strip()) + r"\s*(.+?)\s*" + re.escape(tail.strip()) + r"\s*$",
+                               re.IGNORECASE)
+    return (_norm(before), _norm(after)), slot_line
+
+
 def _drop_template_echo(text: str, template: str | None, trace: _Trace) -> str:
     """Drop lines (>= 4 words) that are a piece of the operator's own prompt, on either side of its instruction
     slot; a line that repeats the slot's own line ('Here is a task: "..."') keeps only what is in the slot."""
     if not template:
         return text
-    before, _, after = template.partition("{instruction}")
-    frames = [_norm(before), _norm(after)]
-    head, tail = before.rsplit("\n", 1)[-1], after.split("\n", 1)[0]
-    slot_line = None
-    if _words(head) + _words(tail) >= 2:  # the slot shares its line with template words (short templates)
-        slot_line = re.compile(r"\s*" + re.escape(head.strip()) + r"\s*(.+?)\s*" + re.escape(tail.strip()) + r"\s*$",
-                               re.IGNORECASE)
+    frames, slot_line = _template_parts(template)
     kept = []
     for line in text.split("\n"):
         match = slot_line.match(line) if slot_line else None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -65,8 +65,12 @@ class Rules:
     bias: np.ndarray                 # [n_ops], added to the scores
     replace_breadth_with: int | None  # an operator index, or NEXT: the policy's own best other operator
     breadth: tuple[int, ...]
+    depth: np.ndarray = field(init=False)  # the other (in-depth) operator indices, for NEXT
 
     NEXT = -1
+
+    def __post_init__(self):
+        object.__setattr__(self, "depth", np.array([i for i in range(len(self.bias)) if i not in self.breadth]))
 
     def choose(self, scores: np.ndarray, step: int) -> int:
         if step in self.forced_breadth_steps:
@@ -79,8 +83,7 @@ class Rules:
             return self.replace_breadth_with
         # the argmax over the other operators: with sampled (Gumbel) scores, a draw from the policy's
         # distribution renormalised over them; with the mean scores, its second choice
-        others = np.array([i for i in range(len(scored)) if i not in self.breadth])
-        return int(others[np.argmax(scored[others])])
+        return int(self.depth[np.argmax(scored[self.depth])])
 
 
 def build_rules(gen, opset) -> Rules:

@@ -90,6 +90,11 @@ def _estimate(cfg: DictConfig) -> list:
 
 
 def run(cfg: DictConfig, ctx) -> dict:
+    return train(cfg, ctx)[0]
+
+
+def train(cfg: DictConfig, ctx) -> tuple[dict, list[dict]]:
+    """(the stage's metrics, its per-update rows)."""
     import torch
 
     from teams_rl.evol.training import torch_threads
@@ -99,7 +104,7 @@ def run(cfg: DictConfig, ctx) -> dict:
         return _train(cfg, ctx, Path(ctx.out_dir), llm_threads)
 
 
-def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
+def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> tuple[dict, list[dict]]:
     from tqdm.auto import tqdm
 
     from teams_rl.evol.agents import write_agent
@@ -135,7 +140,7 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> dict:
     if run.history:
         plot = learning_curve(run.history, run.names, out_dir / "learning_curve.png", title)
         ctx.tracker.log_image("policy/learning_curve", plot)
-    return summary(s, opset, run.history)
+    return summary(s, opset, run.history), run.history
 
 
 def summary(s, opset, history: list[dict]) -> dict:

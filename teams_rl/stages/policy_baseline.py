@@ -15,7 +15,6 @@ stage's own loop with the random agent, checkpoints included.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,9 +59,7 @@ def run(cfg: DictConfig, ctx) -> dict:
         history = _wide(random_cfg, ctx, s, opset)
         metrics = policy_stage.summary(s, opset, history)
     else:
-        metrics = policy_stage.run(random_cfg, ctx)
-        history = [json.loads(line)
-                   for line in (Path(ctx.out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics, history = policy_stage.train(random_cfg, ctx)
     window = reward_window(history)
     metrics.update({"baseline/mean_reward": window["mean"], "baseline/reward_se": window["se"],
                     "baseline/transitions": window["n"]})
