@@ -310,3 +310,18 @@ def test_the_method_table_flags_small_and_degenerate_attack_intervals():
     notes = [n for n in table([tiny, ample]).notes if n.startswith("WARNING")]
     assert len(notes) == 2 and all("(wizardlm)" in n for n in notes)
     assert "2 members / 2 non-members is too small" in notes[0] and "degenerate interval" in notes[1]
+
+
+def test_a_capped_estimate_never_gives_a_plan_more_than_its_uncapped_count():
+    """The cap is spread over the plans by largest remainder: [10, 10, 1] under a cap of 20 is [10, 9, 1] or
+    [9, 10, 1] (never [9, 9, 2], which would plan two requests for a purpose that sends one)."""
+    from teams_rl.evol.budget_cap import cap_plans
+    from teams_rl.llm.plans import RequestPlan
+
+    cfg = OmegaConf.create({"generate": {"on_budget": "cap"}, "expert": {"budget": {"max_queries": 20}}})
+    plans = [RequestPlan("expert", p, n) for p, n in (("evolve", 10), ("answer", 10), ("heldout_answer", 1))]
+    plans.insert(1, RequestPlan("instructor", "other", 5))
+    counts = [p.requests for p in cap_plans(cfg, plans)]
+    assert counts[1] == 5 and sum(counts) - 5 == 20
+    assert all(n <= uncapped for n, uncapped in zip(counts, [10, 5, 10, 1], strict=True))
+    assert counts[3] == 1

@@ -227,3 +227,32 @@ def test_prefix_reuse_gives_the_same_answers_and_skips_the_shared_prefill(tiny_l
     assert reused.prefix.built >= 1 and reused.prefix.hits >= len(requests) - reused.prefix.built
     again = reused.complete(requests)  # another call: every prefix comes from the cache
     assert [a.text for a in again] == expected and reused.prefix.prefill_tokens_saved > 0
+
+
+def test_length_chunks_cut_a_batch_where_padding_costs_more_than_a_chunk():
+    from teams_rl.llm.chunks import length_chunks
+
+    one_long = [80] * 95 + [136]
+    # a 136-token row pads 95 others by 56 tokens (5,320) against one more chunk's 12 steps x 40 (480)
+    assert length_chunks(one_long, [12] * 96, 96, 40.0) == [(0, 95), (95, 96)]
+    assert length_chunks(one_long, [12] * 96, 96, None) == [(0, 96)]             # plain batching
+    assert len(length_chunks([80] * 200, [12] * 200, 96, 40.0)) == 3               # equal rows: fewest chunks
+    assert length_chunks([80, 81, 82, 83], [12] * 4, 96, 40.0) == [(0, 4)]       # a few tokens: not worth a cut
+    assert length_chunks([10, 200], [32, 32], 96, 10_000.0) == [(0, 2)]          # a dear step: never cut
+    assert length_chunks([], [], 8, 40.0) == []
+    for lengths in ([5, 9, 30, 31, 90, 91, 92, 300], list(range(1, 50))):
+        chunks = length_chunks(lengths, [8] * len(lengths), 4, 20.0)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a < b <= a + 4 for a, b in chunks) and all(x[1] == y[0] for x, y in zip(chunks, chunks[1:]))
+
+
+def test_length_aware_chunks_give_the_same_answers_as_plain_batches(tiny_llama_dir):
+    """Cutting a batch by prompt length changes which rows share a `generate` call, not what a row gets:
+    greedy and seeded answers equal those of plain batches."""
+    requests = _requests(max_tokens=8, temperature=0.0) + _requests(max_tokens=8, temperature=0.9, seed=3)
+    plain = HFBackend(tiny_llama_dir, show_progress=False, batch_size=12)
+    cut = HFBackend(tiny_llama_dir, show_progress=False, batch_size=12, chunk_step_tokens=1.0)
+    assert [a.text for a in cut.complete(requests)] == [a.text for a in plain.complete(requests)]
+    assert plain.chunks_run == 1 and cut.chunks_run > 1
+    with pytest.raises(TeamsRLError, match="chunk_step_tokens"):
+        HFBackend(tiny_llama_dir, chunk_step_tokens=-1)

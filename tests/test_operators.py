@@ -87,6 +87,31 @@ def test_echoes_of_a_short_template_and_of_the_given_instruction_are_no_rewrite(
     assert clean_rewrite_counted("Name three planets and their moons.", given="Name three planets.").text
 
 
+@pytest.mark.parametrize("reply", [
+    'Here is a task: "Write a poem about cats',              # cut off at max_tokens: no closing quote
+    "Here is a task: Write a poem about cats.",               # unquoted
+    "Here  is a task:\u201cWrite a poem about cats, and dogs in the rain.\u201d",  # other spacing and quotes
+    "Write a poem about cats, and",                           # the given instruction's first words only
+])
+def test_cut_off_and_unquoted_echoes_of_the_given_instruction_are_no_rewrite(reply):
+    from teams_rl.evol.cleaning import clean_rewrite_counted
+    from tests.conftest import compose_config
+
+    template = load_operator_set(compose_config([], scale=False).operators).operators[1].template
+    echoed = clean_rewrite_counted(reply, 3, template, given="Write a poem about cats, and dogs in the rain.")
+    assert (echoed.text, echoed.rejected) == (None, "given_echo")
+
+
+def test_a_cut_off_rewrite_in_the_template_frame_keeps_what_is_new():
+    from teams_rl.evol.cleaning import clean_rewrite_counted
+    from tests.conftest import compose_config
+
+    template = load_operator_set(compose_config([], scale=False).operators).operators[1].template
+    cut = clean_rewrite_counted('Here is a task: "Write a poem about cats in French', 3, template,
+                                given="Write a poem about cats.")
+    assert (cut.text, cut.actions) == ("Write a poem about cats in French", ("template_echo",))
+
+
 def test_braces_in_templates_and_instructions_are_kept():
     op = Operator("json", "depth", 'Use {"key": 1} with:\n{instruction}')
     assert op.render('Parse {"a": [1, 2]}') == 'Use {"key": 1} with:\nParse {"a": [1, 2]}'

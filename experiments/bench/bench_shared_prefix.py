@@ -27,7 +27,8 @@ from teams_rl.llm.types import ChatRequest  # noqa: E402
 ROWS, NEW_TOKENS, TARGET = 16, 12, 1.1
 
 
-def requests() -> list[ChatRequest]:
+def requests(rows: int = ROWS) -> list[ChatRequest]:
+    """`rows` policy rewrites of the embedded default: tiny seed i, operator i mod 6, seeded sampling."""
     from hydra import compose, initialize_config_dir
 
     from teams_rl.config_groups import CONF_DIR, register_role_groups
@@ -37,7 +38,7 @@ def requests() -> list[ChatRequest]:
         cfg = compose("config")  # the embedded default: operators=teams_rl_short, seeds=tiny
     opset, seeds = load_operator_set(cfg.operators), load_seeds(cfg.seeds)
     out = []
-    for i in range(ROWS):
+    for i in range(rows):
         prompt = opset[i % len(opset)].render(seeds[i % len(seeds)].instruction)
         out.append(ChatRequest.chat(prompt, max_tokens=NEW_TOKENS, temperature=0.7, top_p=0.95, seed=i))
     return out

@@ -68,6 +68,14 @@ def _shared_prefix(d):
     return result, f"≥ {d['target_speedup']}×", d.get("meets_target")
 
 
+def _length_chunks(d):
+    pad = d["tail_tokens_padded"]
+    result = (f"{d['rows']} rewrites, padded prompt tails {pad['plain']} → {pad['chunked']} tokens in {d['chunks']} "
+              f"chunks: {d['plain_s']} s vs {d['chunked_s']} s = **{_x(d['speedup'])}**; identical answers "
+              f"{d['identical_answers']}/{d['rows']}")
+    return result, f"≥ {d['target_speedup']}×", d.get("meets_target")
+
+
 def _vecenv(d):
     result = (f"{d['batched_env_steps_per_s']} vs {d['one_at_a_time_env_steps_per_s']} env-steps/s = "
               f"**{_x(d['ratio'])}**; identical instructions {d.get('identical_instructions')}")
@@ -113,7 +121,7 @@ def _finetune_gpu(d):
 
 
 SUMMARIES = {"request_engine": _request_engine, "local_generation": _local_generation, "vecenv": _vecenv,
-             "shared_prefix": _shared_prefix,
+             "shared_prefix": _shared_prefix, "length_chunks": _length_chunks,
              "dedup": _dedup, "packing": _packing, "privacy_scoring": _privacy_scoring,
              "generate_stage": _generate_stage, "finetune_gpu": _finetune_gpu}
 RATIO_WORDS = ("speedup", "ratio", "fraction", "efficiency", "mfu")

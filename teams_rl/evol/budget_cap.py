@@ -109,7 +109,7 @@ def check(cfg) -> None:
 
 def cap_plans(cfg, plans: list) -> list:
     """The dry run's expert plans under a cap: the generation stops sending at `expert.budget.max_queries`, so
-    the uncapped counts are scaled down to that total (in their proportions; the last plan takes the rounding)
+    the uncapped counts are scaled down to that total (in their proportions, the rounding to the largest fractions)
     and say so. Without a cap, or when the bound fits, the plans are returned as they are."""
     from dataclasses import replace
 
@@ -120,14 +120,19 @@ def cap_plans(cfg, plans: list) -> list:
     total = sum(p.requests for p in expert)
     if total <= cap:
         return plans
-    out, left, seen = [], cap, 0
+    # Largest remainder: each plan gets its proportional share rounded down, and the requests left over go
+    # to the largest fractions, so no plan gets more than its own uncapped count.
+    shares = [p.requests * cap / total for p in expert]
+    counts = [int(share) for share in shares]
+    by_fraction = sorted(range(len(expert)), key=lambda i: counts[i] - shares[i])
+    for i in by_fraction[:cap - sum(counts)]:
+        counts[i] += 1
+    capped_counts = dict(zip(map(id, expert), counts, strict=True))
     note = f"capped: {cap:,} of {total:,} expert requests (expert.budget.max_queries, generate.on_budget=cap)"
+    out = []
     for p in plans:
         if p.role != "expert":
             out.append(p)
             continue
-        seen += 1
-        n = left if seen == len(expert) else min(left, int(p.requests * cap / total))
-        left -= n
-        out.append(replace(p, requests=n, note=f"{p.note}; {note}" if p.note else note))
+        out.append(replace(p, requests=capped_counts[id(p)], note=f"{p.note}; {note}" if p.note else note))
     return out

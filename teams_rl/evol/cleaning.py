@@ -137,17 +137,35 @@ def _norm(text: str) -> str:
     return " ".join(re.sub(r"[#*\"'`:]", " ", text.lower()).split()).strip(" .!?")
 
 
+_QUOTE_CHARS = "".join(sorted(set(_QUOTES) | set(_QUOTES.values())))
+
+
+def _loose(frame: str) -> str:
+    """A pattern for a piece of template as models copy it: any spacing between its words, and each quote
+    optional and of any kind (a cut-off reply loses the closing one, a chatty one drops both)."""
+    parts = []
+    for token in re.findall(r"\w+|\S", frame):
+        parts.append(f"[{re.escape(_QUOTE_CHARS)}]?" if token in _QUOTE_CHARS else re.escape(token))
+    return r"\s*".join(parts)
+
+
 @functools.lru_cache(maxsize=64)  # one entry per operator template: computed once, not once per rewrite
 def _template_parts(template: str) -> tuple[tuple[str, str], re.Pattern | None]:
     """(the normalised template text before and after its slot, a pattern for the slot's own line when the slot
-    shares its line with template words, as in the short templates)."""
+    shares its line with template words, as in the short templates). The line's words before the slot must be
+    there; what follows the slot may be missing (a reply cut off at max_tokens)."""
     before, _, after = template.partition("{instruction}")
     head, tail = before.rsplit("\n", 1)[-1], after.split("\n", 1)[0]
     slot_line = None
     if _words(head) + _words(tail) >= 2:
-        slot_line = re.compile(r"\s*" + re.escape(head.strip()) + r"\s*(.+?)\s*" + re.escape(tail.strip()) + r"\s*$",
-                               re.IGNORECASE)
+        slot_line = re.compile(rf"\s*{_loose(head)}\s*(.+?)\s*(?:{_loose(tail)})?\s*$", re.IGNORECASE)
     return (_norm(before), _norm(after)), slot_line
+
+
+def _repeats(text: str, given: str) -> bool:
+    """`text` holds nothing `given` does not: the same words, or its first words only (an echo cut off)."""
+    words, given_words = re.findall(r"\w+", text.lower()), re.findall(r"\w+", given.lower())
+    return bool(words) and words == given_words[:len(words)]
 
 
 def _drop_template_echo(text: str, template: str | None, trace: _Trace) -> str:
@@ -230,7 +248,7 @@ def clean_rewrite_counted(text: str | None, min_words: int = 3, template: str | 
 
     `template`: the operator's prompt template, so that lines the model copied from it are dropped. Output with
     fewer than `min_words` words, only meta talk, or only the echoed input section is rejected; with `given`
-    (the instruction that was rewritten), so is an output that only repeats it."""
+    (the instruction that was rewritten), so is an output that only repeats it or its first words."""
     trace = _Trace()
     if not text or not text.strip():
         return Cleaned(None, (), "empty")
@@ -244,8 +262,8 @@ def clean_rewrite_counted(text: str | None, min_words: int = 3, template: str | 
         text = new
     text = _strip_wrappers(_cut_trailer(text, trace), trace)
     actions = tuple(trace.actions)
-    if _GIVEN_MARKER.match(text) or (given is not None and _norm(text) == _norm(given)):
-        return Cleaned(None, actions, "given_echo")  # the model echoed the input (section) only
+    if _GIVEN_MARKER.match(text) or (given is not None and _repeats(text, given)):
+        return Cleaned(None, actions, "given_echo")  # the model echoed the input (section), or a cut-off part of it
     if not _words(text):
         return Cleaned(None, actions, "meta_only" if {"meta_lead", "template_echo"} & set(actions) else "empty")
     if _words(text) < max(1, min_words):

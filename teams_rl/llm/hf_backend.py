@@ -125,7 +125,8 @@ class HFBackend:
     def __init__(self, model: str, cache_dir: str | None = None, dtype: str = "float32", device: str = "auto",
                  batch_size: int = 8, max_input_tokens: int | None = None, generate_kwargs: dict | None = None,
                  show_progress: bool = True, empty_retries: int = 2, prefix_cache: int = 0,
-                 prefix_min_tokens: int = 32, shared_prefix: bool = True, chat_format: str = "auto", **_):
+                 prefix_min_tokens: int = 32, shared_prefix: bool = True, chat_format: str = "auto",
+                 chunk_step_tokens: float | None = None, **_):
         from teams_rl.fast_dtype import check_dtype
         from teams_rl.llm.chat_format import check_chat_format
 
@@ -144,6 +145,12 @@ class HFBackend:
         self.empty_retries = int(empty_retries)
         self.shared_prefix = bool(shared_prefix)
         self.shared_prefill_saved = 0  # prompt tokens not prefilled again thanks to `shared_prefix`
+        if chunk_step_tokens is not None and float(chunk_step_tokens) < 0:
+            raise TeamsRLError(f"chunk_step_tokens must be >= 0 or null, got {chunk_step_tokens}")
+        # one decode step's cost in prompt tokens of prefill: batches are split where padding costs more
+        # (teams_rl.llm.chunks); None: chunks of batch_size
+        self.chunk_step_tokens = None if chunk_step_tokens is None else float(chunk_step_tokens)
+        self.chunks_run = 0
         self.prefix = None
         if int(prefix_cache) > 0:
             from teams_rl.llm.prefix_cache import PrefixCache
@@ -279,7 +286,8 @@ class HFBackend:
 
     def complete(self, requests: list[ChatRequest]) -> list[Completion]:
         """Answer `requests` in order. Requests are sorted by (max_tokens, prompt length) and generated in
-        chunks of `batch_size`; a failing chunk is retried at half size down to single requests, and a
+        chunks of at most `batch_size` (cut where padding would cost more than a chunk's decode steps, see
+        `chunk_step_tokens`); a failing chunk is retried at half size down to single requests, and a
         request that still fails comes back with `error` set."""
         if not requests:
             return []
@@ -301,15 +309,23 @@ class HFBackend:
         rows.sort(key=lambda r: (r.max_new, len(r.ids)))
         from tqdm.auto import tqdm
 
+        from teams_rl.llm.chunks import length_chunks
+
         with tqdm(total=len(rows), desc=f"generate {self.model_id}", unit="req", leave=False,
                   disable=not self.show_progress or len(rows) <= self.batch_size) as bar:
-            start = 0
-            while start < len(rows):
-                chunk = rows[start:start + self.batch_size]
-                for row, completion in zip(chunk, self._generate_with_retry(chunk), strict=True):
-                    results[row.index] = completion
-                start += len(chunk)
-                bar.update(len(chunk))
+            done = 0
+            while done < len(rows):  # planned again when an out-of-memory retry lowers batch_size
+                size, left = self.batch_size, rows[done:]
+                for start, end in length_chunks([len(r.ids) for r in left], [r.max_new for r in left], size,
+                                                self.chunk_step_tokens):
+                    chunk = left[start:end]
+                    for row, completion in zip(chunk, self._generate_with_retry(chunk), strict=True):
+                        results[row.index] = completion
+                    self.chunks_run += 1
+                    done += len(chunk)
+                    bar.update(len(chunk))
+                    if self.batch_size != size:
+                        break
         self._retry_empty(rows, results)
         return results  # type: ignore[return-value]
 
@@ -378,20 +394,21 @@ class HFBackend:
 
         rows_ids = [r.ids for r in rows]
         shared = shared_length(rows_ids) if self.shared_prefix and self.prefix is None else 0
-        start = time.perf_counter()
+        start, saved = time.perf_counter(), 0
         with torch.inference_mode():
             if self.prefix is not None and max(len(ids) for ids in rows_ids) > 1:
                 input_ids, mask, cache = batched_cache(model, rows_ids, self.prefix, tok.pad_token_id)
                 batch = {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
             elif shared >= SHARED_PREFIX_MIN_TOKENS:
                 input_ids, mask, cache = shared_batch(model, rows_ids, shared, tok.pad_token_id)
-                self.shared_prefill_saved += shared * (len(rows_ids) - 1)
+                saved = shared * (len(rows_ids) - 1)
                 batch = {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
             else:
                 batch = tok.pad({"input_ids": rows_ids}, padding=True, return_tensors="pt")
                 batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model.generate(**batch, generation_config=config,
                                  logits_processor=LogitsProcessorList([SeededSampler(rows, model.device)]))
+        self.shared_prefill_saved += saved  # counted once the chunk is done, not again when it is retried
         latency = (time.perf_counter() - start) / len(rows)
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
         completions = []

@@ -228,5 +228,5 @@ def _print_summary(metrics: dict) -> None:
     print("LLM calls: " + ", ".join(f"{k} {v}" for k, v in calls.items()) + f" (total {metrics['calls/total']})")
 
 
-STAGE = Stage(name="generate", version=3, run=run, config_keys=_config_keys, inputs=_inputs, resumable=True,
+STAGE = Stage(name="generate", version=4, run=run, config_keys=_config_keys, inputs=_inputs, resumable=True,
               validate=_validate, roles=_roles, run_only_keys=RUN_ONLY_KEYS, estimate=_estimate)

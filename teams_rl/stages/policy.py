@@ -173,5 +173,5 @@ def summary(s, opset, history: list[dict]) -> dict:
     return metrics
 
 
-STAGE = Stage(name="policy", version=3, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
+STAGE = Stage(name="policy", version=4, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
               resumable=True, validate=_validate, roles=_roles, estimate=_estimate)

@@ -89,6 +89,6 @@ def _wide(cfg: DictConfig, ctx, s, opset) -> list[dict]:
     return history
 
 
-STAGE = Stage(name="policy_baseline", version=3, run=run, config_keys=_config_keys,
+STAGE = Stage(name="policy_baseline", version=4, run=run, config_keys=_config_keys,
               run_only_keys=policy_stage.RUN_ONLY_KEYS, resumable=True, validate=_validate, roles=_roles,
               estimate=_estimate)
