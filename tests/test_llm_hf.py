@@ -243,7 +243,7 @@ def test_length_chunks_cut_a_batch_where_padding_costs_more_than_a_chunk():
     for lengths in ([5, 9, 30, 31, 90, 91, 92, 300], list(range(1, 50))):
         chunks = length_chunks(lengths, [8] * len(lengths), 4, 20.0)
         assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
-        assert all(a < b <= a + 4 for a, b in chunks) and all(x[1] == y[0] for x, y in zip(chunks, chunks[1:]))
+        assert all(a < b <= a + 4 for a, b in chunks) and all(x[1] == y[0] for x, y in zip(chunks[:-1], chunks[1:], strict=True))
 
 
 def test_length_aware_chunks_give_the_same_answers_as_plain_batches(tiny_llama_dir):
