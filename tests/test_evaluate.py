@@ -176,13 +176,34 @@ def test_evaluate_stage_on_offline_tasks(compose, tmp_path, tiny_llama_dir, othe
     assert all(again["evaluate"][f"delta/{k}"] == 0 for k in OFFLINE_KEYS + ["average"])
 
 
+def test_shared_prefix_scoring_gives_lm_eval_s_scores_with_the_primer_run_once(compose, tiny_llama_dir):
+    """TruthfulQA mc2's requests all start with its six-question primer: the `teams_rl_hf` model runs it once per
+    batch, and every score equals lm-eval's own `hf` model's up to float rounding (also 1-shot ARC, whose
+    contexts share nothing, so it takes the plain path)."""
+    from teams_rl.eval.shared_prefix_lm import SharedPrefixHFLM
+
+    settings = ["evaluate.tasks=[truthfulqa_mc2,arc_challenge]", "evaluate.num_fewshot=1", "evaluate.limit=4",
+                "evaluate.batch_size=8"]
+    scores = {}
+    for shared in (False, True):
+        cfg = compose([*settings, f"evaluate.shared_prefix={str(shared).lower()}"])
+        before = SharedPrefixHFLM.prefix_tokens_saved
+        results, benches = harness.run_lm_eval(tiny_llama_dir, cfg.evaluate)
+        saved = SharedPrefixHFLM.prefix_tokens_saved - before
+        scores[shared] = harness.flatten(results, benches)
+        assert (saved > 100 * 4) if shared else saved == 0   # ~190 primer tokens per extra row of a batch
+    assert set(scores[True]) == set(scores[False]) and len(scores[True]) >= 6
+    assert scores[True] == pytest.approx(scores[False], abs=1e-5)
+
+
 @pytest.mark.slow
 def test_stage_metrics_equal_lm_eval_cli(compose, tmp_path, tiny_llama_dir):
     """The same model and settings through `lm_eval` (its own CLI, in a subprocess) give the same numbers."""
     from teams_rl.pipeline import run_pipeline
 
     settings = ["evaluate.num_fewshot=1", "evaluate.limit=8", "evaluate.batch_size=8"]
-    cfg = compose(["stages=[evaluate]", f"evaluate.model={tiny_llama_dir}", "evaluate.base_model=null", *settings])
+    cfg = compose(["stages=[evaluate]", f"evaluate.model={tiny_llama_dir}", "evaluate.base_model=null", *settings,
+                   "evaluate.shared_prefix=false"])   # lm-eval's own `hf` model, bit for bit
     ours = run_pipeline(cfg, tmp_path / "run")["evaluate"]
     tasks = [cfg.evaluate.benchmarks[k].task for k in OFFLINE_KEYS]
     cli_out = tmp_path / "cli"

@@ -133,6 +133,10 @@ def model_spec(model_path: str, ecfg) -> tuple[str, dict]:
             args = {"pretrained": adapter_base(model_path), "peft": model_path, "dtype": dtype}
         if ecfg.get("max_length"):
             args["max_length"] = int(ecfg.max_length)
+        if ecfg.get("shared_prefix", True):
+            from teams_rl.eval.shared_prefix_lm import MODEL_TYPE  # registers the model type with lm-eval
+
+            return MODEL_TYPE, args
         return "hf", args
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:

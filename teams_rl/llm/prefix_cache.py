@@ -165,3 +165,29 @@ def batched_cache(model, rows_ids: list[list[int]], prefix: PrefixCache, pad_id:
             values[r, :, width - 1 - v.shape[2]:] = v[0]
         layers.append((keys, values))
     return input_ids, mask, DynamicCache(ddp_cache_data=layers, config=model.config)
+
+
+def logits_with_shared_prefix(model, input_ids, min_tokens: int):
+    """(logits `[batch, seq, vocab]`, shared columns) of a right-padded batch (lm-eval's loglikelihood batches)
+    with the leading columns that every row shares (a task's fixed primer or few-shot examples) run once at
+    batch 1; (None, 0) when fewer than `min_tokens` are shared, or the batch has one row. The tails run batched on copies of the
+    prefix's states; the logits equal one batched forward's up to float rounding (tested)."""
+    import torch
+    from transformers import DynamicCache
+
+    n, width = input_ids.shape
+    if n < 2:
+        return None, 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    shared = int(same.long().cumprod(0).sum())
+    shared = min(shared, width - 1)
+    if shared < min_tokens:
+        return None, 0
+    cache = DynamicCache(config=model.config)
+    head = model(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True).logits
+    layers = [(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous())
+              for layer in cache.layers]
+    tails = model(input_ids=input_ids[:, shared:], past_key_values=DynamicCache(ddp_cache_data=layers,
+                                                                                 config=model.config),
+                  use_cache=False).logits
+    return torch.cat([head.expand(n, -1, -1), tails], dim=1), shared

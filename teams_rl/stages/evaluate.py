@@ -46,6 +46,7 @@ def _validate(cfg: DictConfig) -> None:
     C.integer(cfg, "evaluate.bootstrap_iters", minimum=0, optional=True)
     C.choice(cfg, "evaluate.dtype", ("float32", "bfloat16", "float16", "auto"), default="float32")
     C.choice(cfg, "evaluate.device", ("auto", "cpu", "cuda"), default="auto")
+    C.boolean(cfg, "evaluate.shared_prefix", default=True)
     if not requested_benchmarks(cfg.evaluate):
         raise TeamsRLError("evaluate.tasks is empty: there is nothing to evaluate")
 
@@ -132,4 +133,8 @@ def run(cfg: DictConfig, ctx) -> dict:
     return metrics
 
 
-STAGE = Stage(name="evaluate", version=1, run=run, config_keys=["evaluate"], inputs=_inputs, validate=_validate)
+# How the scores are computed, not what they are (equal up to float rounding): a toggle reuses the artifact.
+RUN_ONLY_KEYS = ["evaluate.shared_prefix"]
+
+STAGE = Stage(name="evaluate", version=1, run=run, config_keys=["evaluate"], run_only_keys=RUN_ONLY_KEYS,
+              inputs=_inputs, validate=_validate)

@@ -41,5 +41,5 @@ def _validate(cfg: DictConfig) -> None:
         check_model(str(cfg.evaluate.base_model), cfg.paths.get("cache"), "evaluate.base_model")
 
 
-STAGE = Stage(name="evaluate_base", version=1, run=run, config_keys=["evaluate"], run_only_keys=["evaluate.model"],
-              validate=_validate)
+STAGE = Stage(name="evaluate_base", version=1, run=run, config_keys=["evaluate"],
+              run_only_keys=["evaluate.model", "evaluate.shared_prefix"], validate=_validate)
