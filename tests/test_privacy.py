@@ -117,6 +117,26 @@ def test_batched_pass_equals_one_sequence_at_a_time(tiny_llama_dir):
         np.testing.assert_allclose(a.sigma, b.sigma, atol=1e-4)
 
 
+def test_shared_template_runs_once_and_scores_the_same(tiny_llama_dir, monkeypatch):
+    """The Alpaca template every row starts with is run once per batch: the scores equal the plain pass's."""
+    from teams_rl.llm import prefix_cache
+    from teams_rl.models import load_causal_lm
+
+    model, tok = load_causal_lm(tiny_llama_dir)
+    encoded = encode(tok, random_pairs(random.Random(5), 12))
+    calls = []
+    real = prefix_cache.prefix_then_tails
+    monkeypatch.setattr(prefix_cache, "prefix_then_tails", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    shared = mia.token_scores(model, encoded, batch_size=4, pad_id=tok.pad_token_id)
+    assert len(calls) == 3 and min(calls) >= mia.SHARED_PREFIX_MIN_TOKENS  # every batch of 4 shared its start
+    plain = mia.token_scores(model, encoded, batch_size=4, pad_id=tok.pad_token_id, shared_prefix=False)
+    assert len(calls) == 3
+    for a, b in zip(shared, plain, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.mu, b.mu, atol=1e-5)
+        np.testing.assert_allclose(a.sigma, b.sigma, atol=1e-5)
+
+
 def test_response_is_scored_given_the_prompt(tiny_llama_dir):
     """Tokenised as the SFT recipe trains (`teams_rl.sft.data.encode`): the scored tokens are its labels."""
     from teams_rl.models import load_causal_lm

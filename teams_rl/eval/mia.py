@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_pp", "ref")
+SHARED_PREFIX_MIN_TOKENS = 8  # fewer shared columns are not worth a second forward call
 
 
 @dataclass
@@ -72,9 +73,28 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _batch_logits(model, ids, mask, first: int, keep_arg: bool, shared_prefix: bool):
+    """(logits, offset): the logits of positions `first`.. (all positions without `logits_to_keep`) and the
+    position of their first row. With `shared_prefix` the leading columns every row shares (the Alpaca
+    template) run once, when no scored position lies inside them: the same logits up to float rounding."""
+    import torch
+
+    from teams_rl.llm.prefix_cache import prefix_then_tails, shared_columns
+
+    width = ids.shape[1]
+    shared = shared_columns(ids) if shared_prefix and keep_arg and ids.shape[0] > 1 else 0
+    if shared >= SHARED_PREFIX_MIN_TOKENS and first >= shared:
+        _, tails = prefix_then_tails(model, ids, shared, head_kwargs={"logits_to_keep": 1},
+                                     tail_kwargs={"logits_to_keep": torch.arange(first - shared, width - shared - 1)})
+        return tails.logits, first
+    kwargs = {"logits_to_keep": torch.arange(first, width - 1)} if keep_arg else {}
+    return model(input_ids=ids, attention_mask=mask, **kwargs).logits, (first if keep_arg else 0)
+
+
 def token_scores(model, encoded: list[tuple[list[int], int]], *, batch_size: int = 16, pad_id: int = 0,
-                 progress: bool = False, desc: str = "log-probs") -> list[TokenScores]:
-    """One forward pass per batch of length-sorted, right-padded sequences; logits only at scored positions."""
+                 progress: bool = False, desc: str = "log-probs", shared_prefix: bool = True) -> list[TokenScores]:
+    """One forward pass per batch of length-sorted, right-padded sequences; logits only at scored positions;
+    the tokens every row of a batch starts with run once (`shared_prefix`, see `_batch_logits`)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -93,9 +113,7 @@ def token_scores(model, encoded: list[tuple[list[int], int]], *, batch_size: int
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
             first = min(encoded[i][1] for i in idx) - 1   # first position whose logits are needed
-            kwargs = {"logits_to_keep": torch.arange(first, width - 1)} if keep_arg else {}
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
-            offset = first if keep_arg else 0
+            logits, offset = _batch_logits(model, ids.to(device), mask.to(device), first, keep_arg, shared_prefix)
             # every scored token of the batch at once: logits at position t-1 predict token t
             rows, cols, targets, counts = [], [], [], []
             for row, i in enumerate(idx):

@@ -167,27 +167,45 @@ def batched_cache(model, rows_ids: list[list[int]], prefix: PrefixCache, pad_id:
     return input_ids, mask, DynamicCache(ddp_cache_data=layers, config=model.config)
 
 
+def shared_columns(input_ids) -> int:
+    """How many leading columns every row of `input_ids` `[batch, seq]` holds the same tokens in (at most seq - 1,
+    so a tail is left to run)."""
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+
+
+def prefix_then_tails(module, input_ids, shared: int, head_kwargs: dict | None = None,
+                      tail_kwargs: dict | None = None):
+    """(output on row 0's first `shared` columns, output on every row's tail): `module` (a causal LM or its
+    decoder) runs the shared columns once at batch 1, then the tails batched on copies of those KV states.
+    Causal attention makes this the same arithmetic as one batched forward (up to float rounding) for
+    right-padded rows; gradients flow through the copies back to the one prefix pass. `head_kwargs` and
+    `tail_kwargs` go to the two calls (e.g. `logits_to_keep`)."""
+    from transformers import DynamicCache
+
+    n = input_ids.shape[0]
+    cache = DynamicCache(config=module.config)
+    head = module(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True, **(head_kwargs or {}))
+    layers = [(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous())
+              for layer in cache.layers]
+    tails = module(input_ids=input_ids[:, shared:], past_key_values=DynamicCache(ddp_cache_data=layers,
+                                                                                  config=module.config),
+                   use_cache=False, **(tail_kwargs or {}))
+    return head, tails
+
+
 def logits_with_shared_prefix(model, input_ids, min_tokens: int):
     """(logits `[batch, seq, vocab]`, shared columns) of a right-padded batch (lm-eval's loglikelihood batches)
     with the leading columns that every row shares (a task's fixed primer or few-shot examples) run once at
-    batch 1; (None, 0) when fewer than `min_tokens` are shared, or the batch has one row. The tails run batched on copies of the
-    prefix's states; the logits equal one batched forward's up to float rounding (tested)."""
+    batch 1; (None, 0) when fewer than `min_tokens` are shared, or the batch has one row. The logits equal one
+    batched forward's up to float rounding (tested)."""
     import torch
-    from transformers import DynamicCache
 
-    n, width = input_ids.shape
+    n = input_ids.shape[0]
     if n < 2:
         return None, 0
-    same = (input_ids == input_ids[:1]).all(dim=0)
-    shared = int(same.long().cumprod(0).sum())
-    shared = min(shared, width - 1)
+    shared = shared_columns(input_ids)
     if shared < min_tokens:
         return None, 0
-    cache = DynamicCache(config=model.config)
-    head = model(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True).logits
-    layers = [(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous())
-              for layer in cache.layers]
-    tails = model(input_ids=input_ids[:, shared:], past_key_values=DynamicCache(ddp_cache_data=layers,
-                                                                                 config=model.config),
-                  use_cache=False).logits
-    return torch.cat([head.expand(n, -1, -1), tails], dim=1), shared
+    head, tails = prefix_then_tails(model, input_ids, shared)
+    return torch.cat([head.logits.expand(n, -1, -1), tails.logits], dim=1), shared
