@@ -51,6 +51,7 @@ class TrainJob:
     deepspeed: dict | None = None   # rendered and adjusted to the device (see deepspeed_config.for_device)
     world_size: int = 1             # processes the launch asks for (a DeepSpeed checkpoint resumes only on as many)
     lora: dict | None = None        # LoraSettings as a dict (teams_rl.sft.lora); None = full fine-tuning
+    shared_prefix: bool = True      # run the template tokens a batch shares once (teams_rl.sft.shared_prefix)
 
     def save(self, path: str | Path) -> None:
         import yaml
@@ -206,6 +207,7 @@ def train(job: TrainJob, on_log: Callable[[dict, int], None] | None = None) -> d
     from transformers import Trainer
 
     from teams_rl.sft.data import make_collator
+    from teams_rl.sft.shared_prefix import SharedPrefixTrainer
 
     out = Path(job.out_dir)
     on_cpu = not torch.cuda.is_available()
@@ -215,8 +217,9 @@ def train(job: TrainJob, on_log: Callable[[dict, int], None] | None = None) -> d
         model, tok = load_model_and_tokenizer(job)
         data = load_from_disk(str(out / "data"))
         collator = make_collator(job.batching, tok.pad_token_id)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, processing_class=tok,
-                          callbacks=build_callbacks(job, collator.stats, on_log))
+        trainer_class = SharedPrefixTrainer if job.shared_prefix else Trainer
+        trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=collator,
+                                processing_class=tok, callbacks=build_callbacks(job, collator.stats, on_log))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before a LoRA merge
         resume = last_checkpoint(out / "checkpoints")
         resumed_from = trainer_state_step(resume) if resume else 0
@@ -246,6 +249,7 @@ def train(job: TrainJob, on_log: Callable[[dict, int], None] | None = None) -> d
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             "lora": bool(job.lora),
+            "shared_prefix_batches": getattr(trainer, "prefix_batches", 0),  # this process's, since a resume
             "trainable_parameters": trainable,
             "device": "cpu" if on_cpu else "cuda",
         }

@@ -95,6 +95,7 @@ def _checked(cfg: DictConfig):
     C.choice(cfg, "target.precision", PRECISIONS, default="fp32")
     C.integer(cfg, "finetune.max_steps", minimum=1, optional=True)
     C.integer(cfg, "finetune.seed")
+    C.boolean(cfg, "finetune.shared_prefix", default=True)
     on_cpu = not torch.cuda.is_available()
     ds = dsc.for_device(dsc.render(cfg.get("deepspeed")), on_cpu)
     dsc.check_toolchain(ds, on_cpu)
@@ -145,7 +146,8 @@ def build_job(cfg: DictConfig, out: Path, model_path: str, target: dict, batchin
                     max_steps=settings.get("max_steps"), seed=int(settings.seed), save_steps=int(settings.save_steps),
                     save_total_limit=int(settings.save_total_limit), keep_checkpoints=bool(settings.keep_checkpoints),
                     logging_steps=int(settings.logging_steps), progress=bool(settings.get("progress", True)),
-                    deepspeed=ds, world_size=world, lora=_lora(cfg))
+                    deepspeed=ds, world_size=world, lora=_lora(cfg),
+                    shared_prefix=bool(settings.get("shared_prefix", True)))
 
 
 def _lora(cfg: DictConfig) -> dict | None:
