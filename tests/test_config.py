@@ -86,9 +86,9 @@ def test_unknown_stage_fails_with_one_line(tmp_path):
 
 def test_the_embedded_default_is_a_real_run():
     """`python -m teams_rl` as shipped (not the tests' scale): SmolLM2 fine-tuned, >= 12 policy updates against a
-    random-operator baseline of the same budget, 34 training seeds and 16 non-member seeds x 3 steps."""
+    random-operator baseline of the same budget, 36 training seeds and 22 non-member seeds x 3 steps."""
     cfg = compose_config([], scale=False)
     assert cfg.target.model == "smollm2" and cfg.expert.backend.model == "smollm2"
     assert cfg.policy.updates >= 12 and list(cfg.stages)[:3] == ["policy", "policy_baseline", "generate"]
-    assert cfg.seeds.limit == 34 and cfg.generate.heldout_seeds == 16 and cfg.generate.episode_length == 3
+    assert cfg.seeds.limit == 36 and cfg.generate.heldout_seeds == 22 and cfg.generate.episode_length == 3
     assert cfg.seeds.limit * 3 >= 64 and cfg.generate.heldout_seeds * 3 >= 32  # before the filters' drops

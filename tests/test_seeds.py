@@ -24,15 +24,15 @@ def _cfg(name: str, **overrides):
 
 def test_tiny_seeds_are_varied_and_the_default_takes_a_prefix():
     seeds = load_seeds({"kind": "tiny"})
-    assert len(seeds) == 50 and len({s.id for s in seeds}) == 50
-    assert len({s.instruction for s in seeds}) == 50
+    assert len(seeds) == 58 and len({s.id for s in seeds}) == 58
+    assert len({s.instruction for s in seeds}) == 58
     assert sum(1 for s in seeds if s.input) >= 10
     text = " ".join(s.instruction.lower() for s in seeds)
     for topic in ("python", "classify", "poem", "solve", "translate", "explain"):
         assert topic in text
     default = load_seeds(_cfg("tiny"))
-    assert default == seeds[: len(default)] and len(default) == 34  # the next 16 are the default non-members
-    assert load_seeds({"kind": "tiny", "start": 48}) == seeds[48:]
+    assert default == seeds[: len(default)] and len(default) == 36  # the next 22 are the default non-members
+    assert load_seeds({"kind": "tiny", "start": 56}) == seeds[56:]
 
 
 def test_alpaca_local_file_with_index_range(tmp_path):
@@ -107,7 +107,7 @@ def test_config_errors():
     with pytest.raises(TeamsRLError, match="unknown"):
         load_seeds({"kind": "sharegpt"})
     with pytest.raises(TeamsRLError, match="no seed instructions"):
-        load_seeds({"kind": "tiny", "start": 50})
+        load_seeds({"kind": "tiny", "start": 58})
     with pytest.raises(TeamsRLError, match="invalid index range"):
         load_seeds({"kind": "tiny", "start": 5, "stop": 2})
     with pytest.raises(TeamsRLError, match="seed file /nonexistent/seeds.jsonl does not exist"):
