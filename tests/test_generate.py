@@ -289,8 +289,13 @@ def test_heldout_seeds_need_a_bounded_range_and_exclude_a_holdout_fraction(compo
         validate(compose(["generate.heldout_seeds=2", "seeds.limit=null"]))
     with pytest.raises(TeamsRLError, match="set one of them"):
         validate(compose(["generate.heldout_seeds=2", "privacy.holdout_fraction=0.2"]))
+    from teams_rl.evol.seeds import load_seeds
+
+    shipped = len(load_seeds({"kind": "tiny", "start": 0, "stop": None, "limit": None}))
     with pytest.raises(TeamsRLError, match="only 0 seeds after"):
-        validate(compose(["generate.heldout_seeds=2", "seeds.limit=50"]))
+        validate(compose(["generate.heldout_seeds=2", f"seeds.limit={shipped}"]))
+    with pytest.raises(TeamsRLError, match="only 1 seeds after"):
+        validate(compose(["generate.heldout_seeds=2", f"seeds.limit={shipped - 1}"]))
 
 
 @pytest.mark.slow
