@@ -118,3 +118,38 @@ def torch_no_grad():
     import torch
 
     return torch.no_grad()
+
+
+def test_bf16_autocast_reaches_the_shared_prefix_forward(tok, tmp_path):
+    """With bf16 mixed precision the shared-prefix loss runs under the Trainer's autocast, as its own forward."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from teams_rl.sft.shared_prefix import SharedPrefixTrainer
+
+    feats = [{"input_ids": i, "labels": lab, "example_id": k, "length": len(i)}
+             for k, (i, lab, _) in enumerate(encode(tok, *e, max_length=512) for e in EXAMPLES * 2)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                             learning_rate=1e-2, use_cpu=True, bf16=True, report_to=[], save_strategy="no",
+                             remove_unused_columns=False, seed=0, disable_tqdm=True)
+    model = _model()
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    trainer = SharedPrefixTrainer(model=model, args=args, train_dataset=Dataset.from_list(feats),
+                                  data_collator=sft_data.PadCollator(pad_id=tok.pad_token_id))
+    trainer.train()
+    assert trainer.prefix_batches == 1 and seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+@pytest.mark.parametrize(("measured", "precision", "deepspeed", "expected"), [
+    ("bfloat16", "bf16", None, "bf16"), ("float32", "bf16", None, "fp32"), ("bfloat16", "fp16", None, "fp32"),
+    ("bfloat16", "bf16", {"zero_optimization": {"stage": 2}}, "fp32"), ("bfloat16", "fp32", None, "fp32")])
+def test_a_cpu_trains_in_bf16_only_where_measured_faster(monkeypatch, measured, precision, deepspeed, expected):
+    from teams_rl import fast_dtype
+    from teams_rl.sft.train import TrainJob, cpu_precision
+
+    monkeypatch.setattr(fast_dtype, "cpu_choice", lambda cache_dir=None: {"dtype": measured})
+    job = TrainJob(out_dir="unused", model="m", target={}, deepspeed=deepspeed)
+    assert cpu_precision(precision, job) == expected

@@ -69,7 +69,10 @@ class SharedPrefixTrainer(Trainer):
                   and not _checkpointing(_causal_lm(model)) and self.args.world_size == 1
                   and self.model_accepts_loss_kwargs and self.label_smoother is None
                   and self.compute_loss_func is None)
-        loss = shared_prefix_loss(model, inputs, num_items_in_batch) if usable else None
+        loss = None
+        if usable:
+            with self.accelerator.autocast():  # the mixed precision the Trainer's own forward runs under
+                loss = shared_prefix_loss(model, inputs, num_items_in_batch)
         if loss is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
