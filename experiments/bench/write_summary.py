@@ -76,6 +76,13 @@ def _length_chunks(d):
     return result, f"≥ {d['target_speedup']}×", d.get("meets_target")
 
 
+def _sft_shared_prefix(d):
+    result = (f"{d['steps']} SFT steps of {d['examples_per_step']} (~{d['tokens_per_example']} tokens, "
+              f"{d['shared_columns_first_step']} shared): Trainer {d['plain_s']} s vs SharedPrefixTrainer "
+              f"{d['shared_s']} s = **{_x(d['speedup'])}**; losses differ by ≤ {d['max_loss_difference']:.1e}")
+    return result, f"≥ {d['target_speedup']}×", d.get("meets_target")
+
+
 def _vecenv(d):
     result = (f"{d['batched_env_steps_per_s']} vs {d['one_at_a_time_env_steps_per_s']} env-steps/s = "
               f"**{_x(d['ratio'])}**; identical instructions {d.get('identical_instructions')}")
@@ -122,6 +129,7 @@ def _finetune_gpu(d):
 
 SUMMARIES = {"request_engine": _request_engine, "local_generation": _local_generation, "vecenv": _vecenv,
              "shared_prefix": _shared_prefix, "length_chunks": _length_chunks,
+             "sft_shared_prefix": _sft_shared_prefix,
              "dedup": _dedup, "packing": _packing, "privacy_scoring": _privacy_scoring,
              "generate_stage": _generate_stage, "finetune_gpu": _finetune_gpu}
 RATIO_WORDS = ("speedup", "ratio", "fraction", "efficiency", "mfu")
