@@ -143,3 +143,24 @@ def cpu_choice(cache_dir: str | Path | None = None) -> dict:
         tmp.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     return entry
+
+
+def depends_on_machine(config: object) -> bool:
+    """Whether a stage's resolved config slice leaves its numeric precision to the machine: a `dtype: auto`, or a
+    `precision` of bf16/fp16 (a CPU trains bf16 only where measured faster, fp16 never; `teams_rl.sft.train`)."""
+    if isinstance(config, dict):
+        return any((key == "dtype" and value == "auto") or (key == "precision" and value in ("bf16", "fp16"))
+                   or depends_on_machine(value) for key, value in config.items())
+    if isinstance(config, list):
+        return any(depends_on_machine(value) for value in config)
+    return False
+
+
+def machine_precision(cache_dir: str | Path | None = None) -> str:
+    """What `auto` resolves to on this machine's default device ("cuda:bfloat16", "cpu:float32", ...): part of the
+    fingerprint of a stage whose precision depends on the machine, so that an artifacts folder shared by a bf16 and
+    an fp32 machine never hands one's outputs to the other."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"{device}:{resolve_dtype('auto', device, cache_dir)}"

@@ -37,11 +37,15 @@ TRACKED_PACKAGES = ("teams_rl", "torch", "transformers", "datasets", "deepspeed"
 
 
 def fingerprints(cfg: DictConfig, names: list[str]) -> dict[str, str]:
+    from teams_rl.fast_dtype import depends_on_machine, machine_precision
+
     fps: dict[str, str] = {}
     for name in names:  # `plan` order: inputs come first
         stage = load_stage(name)
         ins = {dep: fps[dep] for dep in stage.inputs_for(cfg)}
         slice_ = config_slice(cfg, stage.fingerprint_keys(cfg))
+        if depends_on_machine(slice_):  # `dtype: auto` / bf16 training: what this machine resolves them to
+            slice_["_machine_precision"] = machine_precision(OmegaConf.select(cfg, "paths.cache", default=None))
         if stage.fingerprint_extra is not None:
             slice_["_extra"] = stage.fingerprint_extra(cfg)
         fps[name] = fingerprint(name, stage.version, slice_, ins)

@@ -100,6 +100,35 @@ def test_fingerprint_tracks_relevant_keys_only(compose):
     assert fp(compose([*LLM_CHECK, "paths.llm_cache=/elsewhere.sqlite"])) == base
 
 
+def test_fingerprint_of_a_machine_chosen_precision_names_what_this_machine_chose(compose, monkeypatch):
+    """`dtype: auto` and bf16 training resolve per machine: a bf16 machine's artifacts are not an fp32 one's."""
+    from teams_rl import fast_dtype
+
+    cfg = compose([])
+    names = [*plan(cfg), "policy_baseline"]  # the baseline is planned beside the report
+    monkeypatch.setattr(fast_dtype, "machine_precision", lambda cache_dir=None: "cpu:float32")
+    fp32 = fingerprints(cfg, names)
+    monkeypatch.setattr(fast_dtype, "machine_precision", lambda cache_dir=None: "cpu:bfloat16")
+    bf16 = fingerprints(cfg, names)
+    for name in ("policy", "policy_baseline", "generate", "finetune", "privacy"):
+        assert fp32[name] != bf16[name], name
+    assert fp32["evaluate_base"] == bf16["evaluate_base"]  # `evaluate.dtype: float32`, no input: the same work
+    explicit = compose(["instructor.backend.dtype=float32"])
+    on_bf16 = fingerprints(explicit, ["policy"])
+    monkeypatch.setattr(fast_dtype, "machine_precision", lambda cache_dir=None: "cpu:float32")
+    assert fingerprints(explicit, ["policy"]) == on_bf16  # an explicit dtype is the same work on every machine
+    assert on_bf16["policy"] not in (fp32["policy"], bf16["policy"])
+
+
+def test_precision_left_to_the_machine_is_found_anywhere_in_a_slice():
+    from teams_rl.fast_dtype import depends_on_machine
+
+    assert depends_on_machine({"instructor": {"backend": {"dtype": "auto"}}})
+    assert depends_on_machine({"target": {"precision": "bf16"}}) and depends_on_machine([{"precision": "fp16"}])
+    assert not depends_on_machine({"instructor": {"backend": {"dtype": "float32"}}, "target": {"precision": "fp32"}})
+    assert not depends_on_machine({"note": "auto", "dtype": "bfloat16"})
+
+
 def test_budget_stops_cleanly_and_rerun_resumes(compose, tmp_path):
     cfg = compose([*LLM_CHECK, "instructor.budget.max_queries=3"])
     RuleBackend.instances.clear()
