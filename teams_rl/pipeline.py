@@ -40,12 +40,14 @@ def fingerprints(cfg: DictConfig, names: list[str]) -> dict[str, str]:
     from teams_rl.fast_dtype import depends_on_machine, machine_precision
 
     fps: dict[str, str] = {}
+    precision = None  # what this machine resolves `auto` to: looked up once, only if a stage needs it
     for name in names:  # `plan` order: inputs come first
         stage = load_stage(name)
         ins = {dep: fps[dep] for dep in stage.inputs_for(cfg)}
         slice_ = config_slice(cfg, stage.fingerprint_keys(cfg))
-        if depends_on_machine(slice_):  # `dtype: auto` / bf16 training: what this machine resolves them to
-            slice_["_machine_precision"] = machine_precision(OmegaConf.select(cfg, "paths.cache", default=None))
+        if depends_on_machine(slice_):  # `dtype: auto` / bf16 training
+            precision = precision or machine_precision(OmegaConf.select(cfg, "paths.cache", default=None))
+            slice_["_machine_precision"] = precision
         if stage.fingerprint_extra is not None:
             slice_["_extra"] = stage.fingerprint_extra(cfg)
         fps[name] = fingerprint(name, stage.version, slice_, ins)

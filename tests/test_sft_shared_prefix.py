@@ -150,6 +150,8 @@ def test_a_cpu_trains_in_bf16_only_where_measured_faster(monkeypatch, measured, 
     from teams_rl import fast_dtype
     from teams_rl.sft.train import TrainJob, cpu_precision
 
-    monkeypatch.setattr(fast_dtype, "cpu_choice", lambda cache_dir=None: {"dtype": measured})
-    job = TrainJob(out_dir="unused", model="m", target={}, deepspeed=deepspeed)
+    asked = []
+    monkeypatch.setattr(fast_dtype, "cpu_choice", lambda cache_dir=None: asked.append(cache_dir) or {"dtype": measured})
+    job = TrainJob(out_dir="unused", model="m", target={}, deepspeed=deepspeed, cache_dir="/the/paths.cache")
     assert cpu_precision(precision, job) == expected
+    assert set(asked) <= {"/the/paths.cache"}  # the measurement the stage fingerprints read (paths.cache)

@@ -52,6 +52,7 @@ class TrainJob:
     world_size: int = 1             # processes the launch asks for (a DeepSpeed checkpoint resumes only on as many)
     lora: dict | None = None        # LoraSettings as a dict (teams_rl.sft.lora); None = full fine-tuning
     shared_prefix: bool = True      # run the template tokens a batch shares once (teams_rl.sft.shared_prefix)
+    cache_dir: str | None = None    # paths.cache: where this machine's measured fast dtype is kept (teams_rl.fast_dtype)
 
     def save(self, path: str | Path) -> None:
         import yaml
@@ -114,7 +115,7 @@ def data_parallel_devices(job: TrainJob) -> int:
     return world
 
 
-def cpu_precision(precision: str, job: TrainJob, cache_dir: str | None = None) -> str:
+def cpu_precision(precision: str, job: TrainJob) -> str:
     """What a CPU trains in for `target.precision`: bf16 (autocast, fp32 weights) where this machine's bf16
     matmuls measured faster than fp32 (`teams_rl.fast_dtype`; on CPUs without native bf16 they are ~60x slower),
     else fp32. fp16 and DeepSpeed on a CPU train in fp32."""
@@ -123,7 +124,7 @@ def cpu_precision(precision: str, job: TrainJob, cache_dir: str | None = None) -
     if precision == "bf16" and not job.deepspeed:
         from teams_rl.fast_dtype import cpu_choice
 
-        if cpu_choice(cache_dir)["dtype"] == "bfloat16":
+        if cpu_choice(job.cache_dir)["dtype"] == "bfloat16":
             log.info("no GPU: training with bf16 autocast (this CPU's bf16 matmuls measured faster than fp32)")
             return precision
     log.info("no GPU: training in fp32 instead of target.precision=%s", precision)

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from teams_rl import config as C
 from teams_rl.errors import TeamsRLError
@@ -147,7 +147,8 @@ def build_job(cfg: DictConfig, out: Path, model_path: str, target: dict, batchin
                     save_total_limit=int(settings.save_total_limit), keep_checkpoints=bool(settings.keep_checkpoints),
                     logging_steps=int(settings.logging_steps), progress=bool(settings.get("progress", True)),
                     deepspeed=ds, world_size=world, lora=_lora(cfg),
-                    shared_prefix=bool(settings.get("shared_prefix", True)))
+                    shared_prefix=bool(settings.get("shared_prefix", True)),
+                    cache_dir=OmegaConf.select(cfg, "paths.cache", default=None))
 
 
 def _lora(cfg: DictConfig) -> dict | None:
