@@ -205,6 +205,31 @@ def test_finetune_in_process_lowers_loss_on_a_fixed_batch(compose, tmp_path):
     assert json.loads((folder / "ranks" / "rank0.json").read_text())["world_size"] == 1
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_last_step_is_checkpointed_only_when_checkpoints_are_kept(compose, tmp_path, monkeypatch, keep):
+    """The Trainer's last-step checkpoint (model + optimizer state) would be deleted right after the final save
+    unless checkpoints are kept: it is skipped then; the checkpoints before it are written either way."""
+    from transformers import Trainer
+
+    saved = []
+    original = Trainer._save_checkpoint
+
+    def spy(self, *args, **kwargs):
+        saved.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", spy)
+    data = write_alpaca(tmp_path / "fixed.json", 8)
+    cfg = compose(finetune_overrides(data, "finetune.max_steps=4", "finetune.save_steps=2",
+                                     f"finetune.keep_checkpoints={str(keep).lower()}"))
+    metrics = run_pipeline(cfg, tmp_path / "run")["finetune"]
+    assert metrics["steps"] == 4 and saved == ([2, 4] if keep else [2])
+    folder = finished_folder(cfg)
+    assert (folder / "model" / "config.json").is_file()
+    assert sorted(p.name for p in (folder / "checkpoints").glob("checkpoint-*")) == (
+        ["checkpoint-2", "checkpoint-4"] if keep else [])
+
+
 def test_finetune_packed_batching_trains(compose, tmp_path):
     data = write_alpaca(tmp_path / "fixed.json", 8)
     cfg = compose(finetune_overrides(data, "finetune.max_steps=12", "finetune.batching=packed", FAST_LR, EVERY_STEP,

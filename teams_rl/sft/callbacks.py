@@ -49,3 +49,18 @@ class TrainLogCallback(TrainerCallback):
             fh.write(json.dumps({"step": state.global_step, **row}) + "\n")
         if self.forward is not None:
             self.forward(row, state.global_step)
+
+
+class NoFinalCheckpoint(TrainerCallback):
+    """Skip the checkpoint the Trainer writes at the last step when checkpoints are not kept.
+
+    That checkpoint (the model plus the optimizer's state, about three times the model's size) is written just
+    before the stage saves the final model and deletes `checkpoints/`, so it would only be written and removed:
+    on a 2-core CPU, SmolLM2-135M's took ~5 s of a ~65-s fine-tune. Checkpoints before the last step stay, so a
+    killed run still resumes from the newest of them.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+        return control

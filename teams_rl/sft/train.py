@@ -204,9 +204,10 @@ def load_model_and_tokenizer(job: TrainJob):
 
 
 def build_callbacks(job: TrainJob, stats, on_log: Callable | None) -> list:
-    from teams_rl.sft.callbacks import TrainLogCallback
+    from teams_rl.sft.callbacks import NoFinalCheckpoint, TrainLogCallback
 
-    return [TrainLogCallback(stats, Path(job.out_dir) / "train_log.jsonl", on_log)]
+    callbacks = [TrainLogCallback(stats, Path(job.out_dir) / "train_log.jsonl", on_log)]
+    return callbacks if job.keep_checkpoints else [*callbacks, NoFinalCheckpoint()]
 
 
 def _write_json(path: Path, data) -> None:
