@@ -87,6 +87,9 @@ def test_report_stage_tables_match_the_metrics_files(two_runs, rendered):
     paper = bench["TeaMs-RL Llama-1-7b (paper)"]
     assert paper[1:] == ["54.35", "not reported", "not reported", "not reported", "not reported"]
     assert bench["WizardLM-7b (paper)"][1] == "not reported"
+    notes = (out_dir / "report.md").read_text()
+    assert ("documents per task: " + ", ".join(f"{k} n = {int(ev[f'finetuned/{k}/n'])}" for k in
+                                               ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"))) in notes
 
     priv = list(csv.reader(open(out_dir / "privacy.csv")))
     header, rows = priv[0], priv[1:]
@@ -264,6 +267,16 @@ def test_paper_numbers_file_has_a_source_for_every_entry():
     for section in ("queries", "openllm_v1", "privacy"):
         entries = paper.sources(section)
         assert entries and all(source.strip() for _, source in entries)
+
+
+def test_benchmark_documents_of_a_task_and_of_a_group_of_subjects():
+    from teams_rl.report.collect import benchmark_documents
+
+    assert benchmark_documents({"arc_challenge/n": 8.0}, "arc_challenge") == "8"
+    group = {"mmlu/astronomy/n": 8.0, "mmlu/nutrition/n": 8.0, "mmlu/n_subtasks": 2.0, "mmlu/acc": 0.3}
+    assert benchmark_documents(group, "mmlu") == "16 (2 subjects x 8)"
+    assert benchmark_documents({"mmlu/a/n": 5.0, "mmlu/b/n": 9.0}, "mmlu") == "14 (2 subjects)"
+    assert benchmark_documents({"hellaswag/acc": 0.5}, "hellaswag") is None
 
 
 def test_policy_versus_random_baseline_difference_and_flags():

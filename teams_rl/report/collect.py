@@ -86,6 +86,20 @@ def _macro_stderr(scores: dict, key: str, name: str) -> float | None:
     return math.sqrt(sum(terms)) / len(terms) if terms else None
 
 
+def benchmark_documents(scores: dict, key: str) -> str | None:
+    """How many documents benchmark `key` scored, as the report prints it: `n` of a plain task; for a group of
+    subjects (MMLU) the sum over them and how it splits ("32 (4 subjects x 8)"); None when not recorded."""
+    n = number(scores.get(f"{key}/n"))
+    if n is not None:
+        return f"{int(n)}"
+    subjects = [int(v) for k, v in scores.items()
+                if k.startswith(f"{key}/") and k.endswith("/n") and k.count("/") == 2 and number(v) is not None]
+    if not subjects:
+        return None
+    split = f"{len(subjects)} subjects x {subjects[0]}" if len(set(subjects)) == 1 else f"{len(subjects)} subjects"
+    return f"{sum(subjects)} ({split})"
+
+
 def number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from teams_rl.evol import quality
-from teams_rl.report.collect import RunResults, benchmark_series, benchmark_stderr, number
+from teams_rl.report.collect import RunResults, benchmark_documents, benchmark_series, benchmark_stderr, number
 from teams_rl.report.paper import NOT_REPORTED, PAPER_MODEL_LABELS, PaperResults, paper_model_for_target
 
 BENCHMARKS = (("arc_challenge", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa_mc2", "TruthfulQA"))
@@ -237,13 +237,13 @@ def openllm_table(runs: list[RunResults], paper: PaperResults) -> Table:
     """Open LLM Leaderboard v1 benchmarks (percent): base vs fine-tuned models vs the paper's numbers."""
     table = Table("openllm_v1", "Open LLM Leaderboard v1 benchmarks (%)",
                   ["model", *[label for _, label in BENCHMARKS], "average"])
-    sizes: dict[str, int] = {}
+    sizes: dict[str, str] = {}
     for label, scores, _ in benchmark_series(runs):
         table.rows.append([label, *[pct_se(scores.get(k), benchmark_stderr(scores, k)) for k, _ in BENCHMARKS],
                            pct_se(scores.get("average"), average_stderr(scores))])
         for k, _ in BENCHMARKS:
-            if number(scores.get(f"{k}/n")) is not None:
-                sizes[k] = int(scores[f"{k}/n"])
+            if benchmark_documents(scores, k) is not None:
+                sizes[k] = benchmark_documents(scores, k)
     if sizes:
         table.notes.append("± = lm-eval's standard error; documents per task: "
                            + ", ".join(f"{k} n = {v}" for k, v in sizes.items())

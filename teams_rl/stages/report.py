@@ -104,5 +104,5 @@ def _on_cached(cfg: DictConfig, folder: Path, run_dir: Path) -> None:
     publish(folder, run_dir)
 
 
-STAGE = Stage(name="report", version=1, run=run, config_keys=["report", "experiment_name"], inputs=_inputs,
+STAGE = Stage(name="report", version=2, run=run, config_keys=["report", "experiment_name"], inputs=_inputs,
               on_cached=_on_cached)
