@@ -11,7 +11,13 @@ import math
 from dataclasses import dataclass, field
 
 from teams_rl.evol import quality
-from teams_rl.report.collect import RunResults, benchmark_documents, benchmark_series, benchmark_stderr, number
+from teams_rl.report.collect import (
+    RunResults,
+    benchmark_documents,
+    benchmark_series,
+    benchmark_stderr,
+    number,
+)
 from teams_rl.report.paper import NOT_REPORTED, PAPER_MODEL_LABELS, PaperResults, paper_model_for_target
 
 BENCHMARKS = (("arc_challenge", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa_mc2", "TruthfulQA"))
