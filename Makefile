@@ -51,7 +51,7 @@ repro-queries: install ## query/size claims at small scale, offline: TeaMs-RL me
 	$(OFFLINE) $(PY) -m teams_rl.report.costs --sweep $$(ls -dt multirun/repro_queries/*/ | head -1) \
 	  --out $$(ls -dt multirun/repro_queries/*/ | head -1)costs
 
-repro-budget: install ## beyond the paper: TeaMs-RL, random operators, WizardLM, no evolution at one expert budget, small & offline (2 CPU cores: ~8 min)
+repro-budget: install ## beyond the paper: TeaMs-RL, random operators, WizardLM, no evolution at one expert budget, small & offline (2 CPU cores: 2.5 min at fp32 ~180 GFLOPS, 7.6 min at 24-41 measured)
 	$(OFFLINE) $(PY) -m teams_rl -m +experiment=budget_matched_small +method=teams_rl,random_ops,wizardlm,no_evolution \
 	  experiment_name=repro_budget
 

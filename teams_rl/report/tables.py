@@ -248,8 +248,8 @@ def openllm_table(runs: list[RunResults], paper: PaperResults) -> Table:
         table.rows.append([label, *[pct_se(scores.get(k), benchmark_stderr(scores, k)) for k, _ in BENCHMARKS],
                            pct_se(scores.get("average"), average_stderr(scores))])
         for k, _ in BENCHMARKS:
-            if benchmark_documents(scores, k) is not None:
-                sizes[k] = benchmark_documents(scores, k)
+            if (documents := benchmark_documents(scores, k)) is not None:
+                sizes[k] = documents
     if sizes:
         table.notes.append("± = lm-eval's standard error; documents per task: "
                            + ", ".join(f"{k} n = {v}" for k, v in sizes.items())

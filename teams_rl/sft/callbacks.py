@@ -56,7 +56,7 @@ class NoFinalCheckpoint(TrainerCallback):
 
     That checkpoint (the model plus the optimizer's state, about three times the model's size) is written just
     before the stage saves the final model and deletes `checkpoints/`, so it would only be written and removed:
-    on a 2-core CPU, SmolLM2-135M's took ~5 s of a ~65-s fine-tune. Checkpoints before the last step stay, so a
+    SmolLM2-135M's took ~5 s of a ~65-s fine-tune on one CPU core. Checkpoints before the last step stay, so a
     killed run still resumes from the newest of them.
     """
 
