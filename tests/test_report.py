@@ -305,6 +305,10 @@ def test_policy_versus_random_baseline_difference_and_flags():
     weak = policy_versus_baseline_note("demo", {**v, "difference": 0.05, "z": 1.0})
     assert "does NOT beat" in weak
     assert RunResults("x", manifests={"policy": {"metrics": {}}}).policy_vs_baseline() is None
+    from teams_rl.report.tables import POLICY_SE_CAVEAT, policy_table
+
+    assert policy_table([run]).notes[-2:] == [note, POLICY_SE_CAVEAT]  # the caveat follows the comparison
+    assert POLICY_SE_CAVEAT not in policy_table([RunResults("x", manifests={"policy": {"metrics": {}}})]).notes
     small = interval_warnings("demo", {"n_members": 2, "n_nonmembers": 2, "loss/auc": 1.0, "loss/auc_ci_low": 1.0,
                                        "loss/auc_ci_high": 1.0})
     assert len(small) == 2 and "too small" in small[0] and "degenerate" in small[1]

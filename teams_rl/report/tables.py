@@ -356,6 +356,13 @@ def interval_warnings(label: str, m: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------------- policy, data, SFT
 
+# what the difference's SE assumes, and what one run cannot say (experiments/README.md: 10 seed x dtype runs of the
+# embedded default beat random by > 2 SE in 4)
+POLICY_SE_CAVEAT = ("The standard errors treat every transition as independent; the transitions of one episode share "
+                    "its seed instruction, so the true error is somewhat larger. A z near 2 from one seed is weak "
+                    "evidence: repeat over seeds (`-m seed=0,1,2,3,4`) before reading it as learning.")
+
+
 def policy_table(runs: list[RunResults]) -> Table:
     runs = [r for r in runs if r.has("policy")]
     ops: list[str] = []
@@ -385,6 +392,8 @@ def policy_table(runs: list[RunResults]) -> Table:
                            fmt(b.get("final_entropy"), 3), _num(b.get("llm_queries/instructor")),
                            _num(b.get("llm_queries/reviewer")), *[fmt(b.get(f"op_prob/{o}"), 3) for o in ops]])
         table.notes.append(policy_versus_baseline_note(run.label, versus))
+    if any("random-operator baseline" in note for note in table.notes):
+        table.notes.append(POLICY_SE_CAVEAT)
     return table
 
 
