@@ -316,7 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     except TeamsRLError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the rank's process group down before the interpreter exits: left to the exit handlers, gloo's
+    threads can abort a finished rank ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
