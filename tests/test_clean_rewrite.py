@@ -209,6 +209,7 @@ def test_the_policy_recorder_reports_the_share_of_rewrites_per_cleaning_kind():
              {"op_id": 1, "rejected": False, "changed": True, "reward_terms": {}, "cleaning": ["marker"]},
              {"op_id": 1, "rejected": True, "changed": False, "reward_terms": {}, "cleaning": []},
              {"op_id": 0, "rejected": False, "changed": True, "reward_terms": {}, "cleaning": []}]
+    infos = [{**info, "env_index": i, "episode_index": 1, "step": 1} for i, info in enumerate(infos)]
     recorder.add([[0.0]] * 4, [0.0] * 4, infos)
     row = recorder.summary(["a", "b"])
     assert row["cleaning/marker"] == 0.5 and row["cleaning/trailer"] == 0.25 and row["cleaning/wrapper"] == 0.0

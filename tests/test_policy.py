@@ -10,6 +10,7 @@ import pytest
 
 from teams_rl.errors import TeamsRLError
 from teams_rl.evol.agents import load_agent
+from teams_rl.evol.reward_window import TRANSITIONS_KEY
 from teams_rl.pipeline import fingerprints, plan, run_pipeline
 from tests.evol_fakes import rule_overrides
 
@@ -245,6 +246,17 @@ def test_the_random_baseline_rolls_out_wide_with_the_policys_layout_of_transitio
     assert [r["episodes"] for r in base] == [r["episodes"] for r in policy] == [0, 0, 4, 0, 0, 4, 0]
     assert base[-1]["requests/instructor"] == metrics["policy_baseline"]["requests/instructor"] == 28
     assert base[-1]["llm_queries/instructor"] == 28 and (folders["policy_baseline"] / "learning_curve.png").is_file()
+    # every transition is filed with its episode, the SE's cluster: 4 envs x 3 episodes in both layouts
+    for rows in (policy, base):
+        assert [len(r[TRANSITIONS_KEY]) for r in rows] == [r["transitions"] for r in rows]
+        assert [sorted(t[2] for t in r[TRANSITIONS_KEY]) for r in rows] == [[s] * 4 for s in (1, 2, 3, 1, 2, 3, 1)]
+        assert len({(t[0], t[1]) for r in rows for t in r[TRANSITIONS_KEY]}) == 12
+    assert metrics["policy_baseline"]["baseline/episodes"] == 12
+    assert metrics["policy"]["final_window/updates"] == 4 and metrics["policy"]["final_window/episodes"] == 8
+    assert metrics["policy"]["final_window/reward_se"] > 0 and metrics["policy"]["final_window/reward_se_iid"] > 0
+    logged = [json.loads(line) for stage in ("policy", "policy_baseline")
+              for line in (tmp_path / "run" / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
+    assert len(logged) >= 14 and not any(TRANSITIONS_KEY in row for row in logged)  # the logger gets numbers only
 
 
 def test_a_baseline_whose_episodes_carry_over_steps_like_the_policy(compose, tmp_path):

@@ -284,26 +284,45 @@ def test_policy_versus_random_baseline_difference_and_flags():
     privacy intervals are flagged; benchmark cells carry lm-eval's stderr."""
     import math
 
-    from teams_rl.evol.training import reward_window
+    from teams_rl.evol.reward_window import TRANSITIONS_KEY, reward_window
     from teams_rl.report.collect import RunResults
     from teams_rl.report.tables import interval_warnings, pct_se, policy_versus_baseline_note
 
-    history = [{"transitions": 8, "mean_reward": m, "reward_sd": 0.1} for m in (0.1, 0.2, 0.5, 0.6, 0.7)]
-    window = reward_window(history, 3)
-    assert window["n"] == 24 and math.isclose(window["mean"], 0.6)
-    # pooled: within-update variance 0.01 + between-update variance of (0.5, 0.6, 0.7) = 0.01 + 0.00667
-    assert math.isclose(window["sd"], math.sqrt((0.01 + 2 / 300) * 24 / 23), rel_tol=1e-9)
+    def row(*transitions):  # [env, episode, step, reward]
+        return {"transitions": len(transitions), TRANSITIONS_KEY: [list(t) for t in transitions]}
+
+    # two episodes, each steady over its steps: the episode is the unit, and the SE is that of 2 episode means
+    history = [row([0, 1, 1, 0.9]), row([0, 1, 2, 1.0], [1, 1, 1, 0.0]), row([0, 1, 3, 1.0], [1, 1, 2, 0.0])]
+    window = reward_window(history, 2)
+    assert window["n"] == 4 and window["episodes"] == 2 and window["updates"] == 2 and math.isclose(window["mean"], 0.5)
+    assert math.isclose(window["se_iid"], math.sqrt(1 / 3) / 2) and math.isclose(window["se"], 0.5)
+    assert math.isclose(reward_window(history)["mean"], 2.9 / 5) and reward_window(history)["episodes"] == 2
+    singletons = reward_window([row(*[[e, 1, 1, r] for e, r in enumerate((0.1, 0.4, 0.2, 0.9, 0.5))])])
+    assert math.isclose(singletons["se"], singletons["se_iid"])  # one transition per episode: the plain SE
+    assert reward_window([row([3, 1, 1, 0.2], [3, 1, 2, 0.6])])["se"] is None  # one episode: no SE
+    assert reward_window([]) == {"mean": None, "sd": None, "se": None, "se_iid": None, "n": 0, "episodes": 0,
+                                 "updates": 0}
     run = RunResults("demo", manifests={
         "policy": {"metrics": {"final_window/mean_reward": 0.6, "final_window/reward_se": 0.03,
-                               "final_window/transitions": 24, "final_window/updates": 3}},
+                               "final_window/reward_se_iid": 0.024, "final_window/transitions": 24,
+                               "final_window/episodes": 12, "final_window/updates": 3}},
         "policy_baseline": {"metrics": {"baseline/mean_reward": 0.4, "baseline/reward_se": 0.04,
-                                        "baseline/transitions": 96}}})
+                                        "baseline/reward_se_iid": 0.032, "baseline/transitions": 96,
+                                        "baseline/episodes": 32}}})
     v = run.policy_vs_baseline()
     assert math.isclose(v["difference"], 0.2) and math.isclose(v["se"], 0.05) and math.isclose(v["z"], 4.0)
+    assert math.isclose(v["se_ratio"], 1.25)
     note = policy_versus_baseline_note("demo", v)
-    assert "n = 24" in note and "n = 96" in note and "+0.200 ± 0.050" in note and "more than 2 standard" in note
+    assert "n = 24 transitions in 12 episodes" in note and "n = 96 transitions in 32 episodes" in note
+    assert "+0.200 ± 0.050" in note and "clustered by episode, 1.25x" in note and "more than 2 standard" in note
     weak = policy_versus_baseline_note("demo", {**v, "difference": 0.05, "z": 1.0})
     assert "does NOT beat" in weak
+    lone = RunResults("one", manifests={
+        "policy": {"metrics": {"final_window/mean_reward": 0.6, "final_window/reward_se": None,
+                               "final_window/transitions": 2, "final_window/episodes": 1}},
+        "policy_baseline": {"metrics": {"baseline/mean_reward": 0.4, "baseline/reward_se": 0.04}}}).policy_vs_baseline()
+    assert lone["se"] is None and lone["z"] is None
+    assert "no standard error" in policy_versus_baseline_note("one", lone)
     assert RunResults("x", manifests={"policy": {"metrics": {}}}).policy_vs_baseline() is None
     from teams_rl.report.tables import POLICY_SE_CAVEAT, policy_table
 

@@ -238,7 +238,8 @@ def step_envs(envs: Sequence[InstructionEvolutionEnv], actions: Sequence) -> lis
             "episode_queries": dict(ep.queries),
             "step": ep.step,
             "seed_id": ep.seed_id,
-            "episode_index": ep.index,
+            "env_index": env.index,
+            "episode_index": ep.index,  # (env_index, episode_index) names the episode, the SE's cluster
         }
         if terminated:
             info["episode"] = {"r": ep.ret, "l": ep.step, "t": round(time.perf_counter() - ep.started, 3)}

@@ -23,6 +23,7 @@ from teams_rl.artifacts import write_json_atomic
 from teams_rl.errors import TeamsRLError
 from teams_rl.evol.cleaning import KINDS as CLEANING_KINDS
 from teams_rl.evol.policy_settings import ACTIVATIONS, PolicySettings
+from teams_rl.evol.reward_window import TRANSITIONS_KEY, transition_record
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -72,6 +73,7 @@ class UpdateRecorder:
 
     def clear(self) -> None:
         self.rewards: list[float] = []
+        self.transitions: list[list] = []  # [env, episode, step, reward]: the SE's clusters (reward_window)
         self.ops: list[int] = []
         self.rejected = 0
         self.changed = 0
@@ -85,6 +87,7 @@ class UpdateRecorder:
         self.obs.append(np.asarray(obs, dtype=np.float32).copy())
         for reward, info in zip(rewards, infos, strict=True):
             self.rewards.append(float(reward))
+            self.transitions.append(transition_record(info, reward))
             self.ops.append(int(info["op_id"]))
             self.rejected += int(info["rejected"])
             self.changed += int(info["changed"])
@@ -103,6 +106,7 @@ class UpdateRecorder:
             "mean_reward": float(np.mean(self.rewards)) if self.rewards else 0.0,
             "reward_sd": float(np.std(self.rewards)) if self.rewards else 0.0,  # population sd of the transitions
             "transitions": len(self.rewards),
+            TRANSITIONS_KEY: [list(t) for t in self.transitions],
             "episodes": len(self.returns),
             "mean_episode_return": float(np.mean(self.returns)) if self.returns else None,
             "rejected_frac": self.rejected / n,
@@ -428,20 +432,6 @@ class PolicyTraining:
         self.sent_before = dict(state["llm"])
         self.accounts_at_start = self._accounts()
         return True
-
-
-def reward_window(history: list[dict], last: int | None = None) -> dict:
-    """Mean, sd and standard error of the per-transition reward over the `last` updates of `history` (all when
-    None), pooled exactly from each update's mean, sd and transition count."""
-    rows = [r for r in (history[-last:] if last else history) if r.get("transitions")]
-    n = sum(int(r["transitions"]) for r in rows)
-    if not n:
-        return {"mean": None, "sd": None, "se": None, "n": 0, "updates": len(rows)}
-    mean = sum(r["transitions"] * r["mean_reward"] for r in rows) / n
-    second = sum(r["transitions"] * (r.get("reward_sd", 0.0) ** 2 + r["mean_reward"] ** 2) for r in rows) / n
-    var = max(second - mean ** 2, 0.0) * n / max(n - 1, 1)  # sample variance
-    return {"mean": float(mean), "sd": float(np.sqrt(var)), "se": float(np.sqrt(var / n)), "n": n,
-            "updates": len(rows)}
 
 
 def seed_pool(s: PolicySettings, seeds_cfg) -> list:

@@ -206,18 +206,26 @@ class RunResults:
 
     def policy_vs_baseline(self) -> dict | None:
         """The trained policy's final reward (its last updates) minus the random baseline's mean reward over the
-        same budget, with the standard error of the difference (independent samples) and both n."""
+        same budget, with the standard error of the difference (two independent runs, each SE clustered by
+        episode), both n, their episodes and the ratio of the clustered to the independent-transition SE."""
         p, b = self.metrics("policy"), self.metrics("policy_baseline")
         final, base = number(p.get("final_window/mean_reward")), number(b.get("baseline/mean_reward"))
         if final is None or base is None:
             return None
-        se_f, se_b = number(p.get("final_window/reward_se")) or 0.0, number(b.get("baseline/reward_se")) or 0.0
-        se = math.sqrt(se_f ** 2 + se_b ** 2)
+        se_f, se_b = number(p.get("final_window/reward_se")), number(b.get("baseline/reward_se"))
+        iid_f, iid_b = number(p.get("final_window/reward_se_iid")), number(b.get("baseline/reward_se_iid"))
+        if se_f is None or se_b is None:  # no SE (fewer than two episodes): no difference to judge
+            se = iid = None
+        else:
+            se = math.sqrt(se_f ** 2 + se_b ** 2)
+            iid = math.sqrt(iid_f ** 2 + iid_b ** 2) if iid_f is not None and iid_b is not None else None
         diff = final - base
         return {"final": final, "final_se": se_f, "final_n": int(p.get("final_window/transitions") or 0),
+                "final_episodes": int(p.get("final_window/episodes") or 0),
                 "final_updates": int(p.get("final_window/updates") or 0), "baseline": base, "baseline_se": se_b,
-                "baseline_n": int(b.get("baseline/transitions") or 0), "difference": diff, "se": se,
-                "z": diff / se if se > 0 else None}
+                "baseline_n": int(b.get("baseline/transitions") or 0),
+                "baseline_episodes": int(b.get("baseline/episodes") or 0), "difference": diff, "se": se,
+                "se_ratio": se / iid if se and iid else None, "z": diff / se if se else None}
 
     def generate_stats(self) -> dict:
         path = self.file("generate", "stats.json")

@@ -37,7 +37,7 @@ def policy_curves(runs: list[RunResults], path: Path, dpi: int = DPI) -> Path | 
                          np.array([row.get("mean_reward") or 0.0 for row in base], dtype=float),
                          f"{run.label}: random operators (same budget)")
             versus = run.policy_vs_baseline()
-            if versus is not None:
+            if versus is not None and versus["baseline_se"] is not None:
                 ax.axhspan(versus["baseline"] - 2 * versus["baseline_se"], versus["baseline"] + 2 * versus["baseline_se"],
                            color="grey", alpha=0.15, label="baseline mean ± 2 SE")
     ax.set(xlabel="update", ylabel="mean reward per step", title="Policy learning curve")

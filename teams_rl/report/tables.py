@@ -356,11 +356,12 @@ def interval_warnings(label: str, m: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------------- policy, data, SFT
 
-# what the difference's SE assumes, and what one run cannot say (experiments/README.md: 10 seed x dtype runs of the
-# embedded default beat random by > 2 SE in 4)
-POLICY_SE_CAVEAT = ("The standard errors treat every transition as independent; the transitions of one episode share "
-                    "its seed instruction, so the true error is somewhat larger. A z near 2 from one seed is weak "
-                    "evidence: repeat over seeds (`-m seed=0,1,2,3,4`) before reading it as learning.")
+# what the difference's SE counts as a sampling unit, and what one run cannot say (experiments/README.md: the
+# seed x dtype runs of the embedded default)
+POLICY_SE_CAVEAT = ("Each SE counts an episode as one sampling unit (its transitions share a seed instruction and "
+                    "each step rewrites the last one's output). Neither SE includes how training varies from seed "
+                    "to seed: a z near 2 from one seed is weak evidence; repeat over seeds (`-m seed=0,1,2,3,4`) "
+                    "before reading it as learning.")
 
 
 def policy_table(runs: list[RunResults]) -> Table:
@@ -401,12 +402,22 @@ def policy_table(runs: list[RunResults]) -> Table:
 
 def policy_versus_baseline_note(label: str, v: dict) -> str:
     """One line: the trained policy's final reward minus the random baseline's, ± its standard error, with n."""
-    verdict = ("beats the random baseline by more than 2 standard errors" if v["z"] is not None and v["z"] > 2 else
+    def side(mean, se) -> str:
+        return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else " (no SE: fewer than 2 episodes)")
+
+    def units(n: int, episodes: int) -> str:
+        return f"n = {n} transitions" + (f" in {episodes} episodes" if episodes else "")
+
+    head = (f"{label}: final reward (last {v['final_updates']} updates, {units(v['final_n'], v['final_episodes'])}) "
+            f"{side(v['final'], v['final_se'])} minus random-operator baseline "
+            f"({units(v['baseline_n'], v['baseline_episodes'])}) {side(v['baseline'], v['baseline_se'])}")
+    if v["se"] is None:
+        return head + f" = **{v['difference']:+.3f}**, with no standard error: nothing can be said about learning."
+    ratio = f", {v['se_ratio']:.2f}x the SE of independent transitions" if v["se_ratio"] is not None else ""
+    verdict = ("beats the random baseline by more than 2 standard errors" if v["z"] > 2 else
                "does NOT beat the random baseline by 2 standard errors")
-    return (f"{label}: final reward (last {v['final_updates']} updates, n = {v['final_n']} transitions) "
-            f"{v['final']:.3f} ± {v['final_se']:.3f} minus random-operator baseline (n = {v['baseline_n']}) "
-            f"{v['baseline']:.3f} ± {v['baseline_se']:.3f} = **{v['difference']:+.3f} ± {v['se']:.3f}** (SE); the "
-            f"policy {verdict}" + (f" (z = {v['z']:.2f})." if v["z"] is not None else "."))
+    return (head + f" = **{v['difference']:+.3f} ± {v['se']:.3f}** (SE clustered by episode{ratio}); the policy "
+            f"{verdict} (z = {v['z']:.2f}).")
 
 
 def dataset_table(runs: list[RunResults]) -> Table:

@@ -7,7 +7,8 @@ for `policy.updates` updates of `policy.steps_per_update` transitions per env; t
 `teams_rl.evol.training`.
 
 Artifact folder: agent.json + policy.zip (the agent, see `teams_rl.evol.agents`), metrics.jsonl (one row per
-update), learning_curve.png, checkpoints/ (the last saved update: a loadable agent folder plus the sb3
+update, with its transitions as [env, episode, step, reward] for the episode-clustered SE of
+`teams_rl.evol.reward_window`), learning_curve.png, checkpoints/ (the last saved update: a loadable agent folder plus the sb3
 model, env state and RNG states; a killed run resumes from it), and the updates named in
 `policy.keep_updates` (kept for good: `generate.policy_update` picks one of them to generate with).
 """
@@ -108,6 +109,7 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> tuple[dict,
     from tqdm.auto import tqdm
 
     from teams_rl.evol.agents import write_agent
+    from teams_rl.evol.reward_window import loggable
     from teams_rl.evol.training import PolicyTraining, seed_pool, write_metrics
     from teams_rl.plotting import learning_curve
 
@@ -132,7 +134,7 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> tuple[dict,
             if run.done % s.checkpoint_every == 0 or run.done == s.updates or run.done in s.keep_updates:
                 run.save_checkpoint(out_dir)
             write_metrics(out_dir, run.history)
-            ctx.log({k: v for k, v in row.items() if v is not None and k != "update"}, step=row["update"])
+            ctx.log(loggable(row), step=row["update"])
             bar.set_postfix(reward=f"{row['mean_reward']:.3f}", entropy=f"{row['entropy']:.2f}")
             bar.update(1)
 
@@ -145,7 +147,7 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> tuple[dict,
 
 def summary(s, opset, history: list[dict]) -> dict:
     """The stage's metrics from its per-update rows."""
-    from teams_rl.evol.training import reward_window
+    from teams_rl.evol.reward_window import reward_window
 
     last, first = (history[-1], history[0]) if history else ({}, {})
     metrics = {
@@ -165,7 +167,8 @@ def summary(s, opset, history: list[dict]) -> dict:
     }
     window = reward_window(history, s.final_updates)
     metrics.update({"final_window/mean_reward": window["mean"], "final_window/reward_se": window["se"],
-                    "final_window/transitions": window["n"], "final_window/updates": window["updates"]})
+                    "final_window/reward_se_iid": window["se_iid"], "final_window/transitions": window["n"],
+                    "final_window/episodes": window["episodes"], "final_window/updates": window["updates"]})
     for key in SUMMED_COUNTS:
         metrics[key] = last.get(key, 0)
     for name in opset.names:
@@ -173,5 +176,5 @@ def summary(s, opset, history: list[dict]) -> dict:
     return metrics
 
 
-STAGE = Stage(name="policy", version=4, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
+STAGE = Stage(name="policy", version=5, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
               resumable=True, validate=_validate, roles=_roles, estimate=_estimate)

@@ -50,7 +50,7 @@ def _estimate(cfg: DictConfig) -> list:
 
 
 def run(cfg: DictConfig, ctx) -> dict:
-    from teams_rl.evol.training import reward_window
+    from teams_rl.evol.reward_window import reward_window
     from teams_rl.evol.wide_rollout import wide_possible
 
     random_cfg = random_config(cfg)
@@ -62,13 +62,15 @@ def run(cfg: DictConfig, ctx) -> dict:
         metrics, history = policy_stage.train(random_cfg, ctx)
     window = reward_window(history)
     metrics.update({"baseline/mean_reward": window["mean"], "baseline/reward_se": window["se"],
-                    "baseline/transitions": window["n"]})
+                    "baseline/reward_se_iid": window["se_iid"], "baseline/transitions": window["n"],
+                    "baseline/episodes": window["episodes"]})
     return metrics
 
 
 def _wide(cfg: DictConfig, ctx, s, opset) -> list[dict]:
     import torch
 
+    from teams_rl.evol.reward_window import loggable
     from teams_rl.evol.training import seed_pool, torch_threads, write_metrics
     from teams_rl.evol.wide_rollout import WideRandomRollout
     from teams_rl.plotting import learning_curve
@@ -82,13 +84,13 @@ def _wide(cfg: DictConfig, ctx, s, opset) -> list[dict]:
     out_dir = Path(ctx.out_dir)
     write_metrics(out_dir, history)
     for row in history:
-        ctx.log({k: v for k, v in row.items() if v is not None and k != "update"}, step=row["update"])
+        ctx.log(loggable(row), step=row["update"])
     title = f"random on {opset.name} ({s.n_envs} envs x {s.steps_per_update} steps/update, rolled out wide)"
     ctx.tracker.log_image("policy/learning_curve", learning_curve(history, opset.names,
                                                                   out_dir / "learning_curve.png", title))
     return history
 
 
-STAGE = Stage(name="policy_baseline", version=4, run=run, config_keys=_config_keys,
+STAGE = Stage(name="policy_baseline", version=5, run=run, config_keys=_config_keys,
               run_only_keys=policy_stage.RUN_ONLY_KEYS, resumable=True, validate=_validate, roles=_roles,
               estimate=_estimate)
