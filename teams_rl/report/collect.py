@@ -77,13 +77,18 @@ def benchmark_stderr(scores: dict, key: str) -> float | None:
 def _macro_stderr(scores: dict, key: str, name: str) -> float | None:
     """sqrt(sum of p(1-p)/(n-1) over the k subjects) / k: the subjects' sample standard errors, as lm-eval's."""
     terms = []
-    for k, v in scores.items():
-        if k.startswith(f"{key}/") and k.endswith(f"/{name}") and k.count("/") == 2:
-            p, n = number(v), number(scores.get(k[: -len(name)] + "n"))
-            if p is None or n is None or n < 2:
-                return None
-            terms.append(p * (1 - p) / (n - 1))
+    for subject, v in _per_subject(scores, key, name).items():
+        p, n = number(v), number(scores.get(f"{subject}/n"))
+        if p is None or n is None or n < 2:
+            return None
+        terms.append(p * (1 - p) / (n - 1))
     return math.sqrt(sum(terms)) / len(terms) if terms else None
+
+
+def _per_subject(scores: dict, key: str, leaf: str) -> dict:
+    """`{"<key>/<subject>": value}` of the keys `<key>/<subject>/<leaf>` of a group's subjects (MMLU's)."""
+    return {k[: -len(leaf) - 1]: v for k, v in scores.items()
+            if k.startswith(f"{key}/") and k.endswith(f"/{leaf}") and k.count("/") == 2}
 
 
 def benchmark_documents(scores: dict, key: str) -> str | None:
@@ -92,8 +97,7 @@ def benchmark_documents(scores: dict, key: str) -> str | None:
     n = number(scores.get(f"{key}/n"))
     if n is not None:
         return f"{int(n)}"
-    subjects = [int(v) for k, v in scores.items()
-                if k.startswith(f"{key}/") and k.endswith("/n") and k.count("/") == 2 and number(v) is not None]
+    subjects = [int(v) for v in _per_subject(scores, key, "n").values() if number(v) is not None]
     if not subjects:
         return None
     split = f"{len(subjects)} subjects x {subjects[0]}" if len(set(subjects)) == 1 else f"{len(subjects)} subjects"
