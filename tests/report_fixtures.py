@@ -38,7 +38,8 @@ def write_artifact(store: Path, stage: str, metrics: dict, config: dict, inputs:
     return fp, folder
 
 
-def policy_artifact(store: Path, rewards: list[float], operators=OPS, algorithm="trpo", salt="") -> tuple[str, Path]:
+def policy_artifact(store: Path, rewards: list[float], operators=OPS, algorithm="trpo", salt="",
+                    versus: tuple | None = None) -> tuple[str, Path]:
     probs = np.linspace(1.0, 2.0, len(operators))
     probs = probs / probs.sum()
     history = []
@@ -52,6 +53,9 @@ def policy_artifact(store: Path, rewards: list[float], operators=OPS, algorithm=
                "final_mean_reward": rewards[-1], "mean_reward": float(np.mean(rewards)), "final_entropy": 1.2,
                "llm_queries/instructor": 4 * len(rewards), "llm_queries/reviewer": 4 * len(rewards),
                **{f"op_prob/{o}": float(p) for o, p in zip(operators, probs, strict=True)}}
+    if versus is not None:
+        metrics.update({"final_window/mean_reward": versus[0], "final_window/reward_se": versus[1],
+                        "final_window/transitions": 32, "final_window/updates": 2})
     llm = {"instructor": {"model": "hf/smollm2", "queries": 8, "cache_hits": 0, "failures": 0, "prompt_tokens": 800,
                           "completion_tokens": 120, "usd": 0.0, "by_purpose": {}}}
     return write_artifact(store, "policy", metrics, {"rl": {"algorithm": algorithm}, "operators": {"ops": operators}},
@@ -138,14 +142,21 @@ def privacy_artifact(store: Path, finetune_fp: str, generate_fp: str, shift: flo
 
 def build_run(root: Path, label: str, *, rewards=(0.2, 0.4, 0.6), tuned=None, mia_shift=0.3, seed=0,
               operators=OPS, mode="teams_rl", salt="", overrides: list[str] | None = None,
-              generate: dict | None = None, stderr: float | None = None, size: int | None = None) -> Path:
-    """A finished run of the whole pipeline: artifacts under root/artifacts, run dir root/<label>."""
+              generate: dict | None = None, stderr: float | None = None, size: int | None = None,
+              versus: tuple[float, float, float, float] | None = None) -> Path:
+    """A finished run of the whole pipeline: artifacts under root/artifacts, run dir root/<label>. `versus` =
+    (final-window reward, its SE, random-baseline reward, its SE) adds a `policy_baseline` stage."""
     store = root / "artifacts"
     tuned = tuned or {"arc_challenge": 0.5, "hellaswag": 0.25, "mmlu": 0.3, "truthfulqa_mc2": 0.45}
     base = {"arc_challenge": 0.25, "hellaswag": 0.25, "mmlu": 0.2, "truthfulqa_mc2": 0.5}
     salt = salt or label
     folders = {}
-    folders["policy"] = policy_artifact(store, list(rewards), operators, salt=salt)
+    folders["policy"] = policy_artifact(store, list(rewards), operators, salt=salt, versus=versus)
+    if versus is not None:
+        folders["policy_baseline"] = write_artifact(
+            store, "policy_baseline", {"algorithm": "random", "baseline/mean_reward": versus[2],
+                                       "baseline/reward_se": versus[3], "baseline/transitions": 64},
+            {"rl": {"algorithm": "random"}}, {}, {}, None, salt)
     calls = ({"calls/expert/evolve": 8, "calls/expert/answer": 8} if mode == "teams_rl" else
              {"calls/expert/evolve": 16, "calls/expert/answer": 16, "calls/reviewer/judge": 16})
     size = size if size is not None else (8 if mode == "teams_rl" else 12)

@@ -193,11 +193,13 @@ def test_cli_rerenders_a_run_dir_and_an_artifact_folder(tmp_path, two_runs, caps
 def make_sweep(root: Path) -> Path:
     sweep = root / "sweep"
     n = 0
+    # teams_rl's policies against their random baselines: +0.10 (SE 0.05: z 2.0, not above 2) and +0.04 (z 0.8)
+    versus = {("teams_rl", 1): (0.5, 0.03, 0.4, 0.04), ("teams_rl", 2): (0.44, 0.03, 0.4, 0.04)}
     for ops, rewards_by_seed in (("teams_rl", {1: (0.2, 0.4), 2: (0.2, 0.6)}), ("no_breadth", {1: (0.1, 0.1), 2: (0.1, 0.3)})):
         for seed, rewards in rewards_by_seed.items():
             build_run(sweep, str(n), rewards=rewards, seed=seed, salt=f"{ops}{seed}", mia_shift=0.2 * seed,
                       operators=OPS if ops == "teams_rl" else ["add_constraints", "deepening"],
-                      overrides=["+experiment=smoke", f"operators={ops}", f"seed={seed}"])
+                      overrides=["+experiment=smoke", f"operators={ops}", f"seed={seed}"], versus=versus.get((ops, seed)))
             n += 1
     # build_run puts artifacts under sweep/artifacts; it is not a job (no run_manifest.json)
     return sweep
@@ -228,6 +230,13 @@ def test_sweep_aggregation_mean_std_over_seeds(tmp_path):
     bench = read_csv(sweep / "report" / "openllm_v1.csv")
     assert bench["fine-tuned: operators=teams_rl"][1] == "50.00 ± 0.00"
     assert bench["TeaMs-RL Llama-1-7b (paper)"][1] == "54.35"
+    # each seed against its own random baseline, and the mean difference over seeds with its SE over seeds
+    seeds = read_csv(sweep / "report" / "policy_vs_baseline.csv")
+    assert "operators=no_breadth" not in seeds  # no baseline stage: no comparison
+    row = seeds["operators=teams_rl"]
+    assert row[1] == "2" and row[2] == "1: +0.100 (2.00); 2: +0.040 (0.80)" and row[4] == "0 of 2"
+    assert row[3] == "+0.070 ± 0.030 (t = 2.33, 1 df)"  # sd of (0.10, 0.04) = 0.0424, / sqrt(2)
+    assert "Trained policy minus random operators, over seeds" in md
     cache = read_csv(sweep / "report" / "sweep_cache.csv")
     assert cache["evaluate_base"][4] == "1"     # one base evaluation shared by the 4 jobs
     assert cache["policy"][4] == "4"

@@ -222,6 +222,38 @@ def ablation_table(groups: dict[str, list[Job]], primary_attack: str) -> tuple[t
     return pretty, raw
 
 
+def versus_baseline(job: Job) -> dict | None:
+    """A job's trained policy against its random baseline (`RunResults.policy_vs_baseline`), from its metrics."""
+    stages = ("policy", "policy_baseline")
+    return RunResults(job.name, manifests={s: {"metrics": job.metrics.get(s) or {}} for s in stages}).policy_vs_baseline()
+
+
+def policy_seeds_table(groups: dict[str, list[Job]]) -> tbl.Table | None:
+    """Per group, each seed's final reward minus its random baseline (z), and the mean over seeds ± its SE: the
+    one comparison whose error includes how training varies from seed to seed. None when no job compared."""
+    table = tbl.Table("policy_vs_baseline", "Trained policy minus random operators, over seeds",
+                      ["group", "seeds", "per seed: difference (z)", "mean difference ± SE over seeds",
+                       "seeds with z > 2"])
+    for label, js in groups.items():
+        found = [(j, v) for j in js if (v := versus_baseline(j)) is not None]
+        if not found:
+            continue
+        diffs = [v["difference"] for _, v in found]
+        mean, std, n = mean_std(diffs)
+        spread = (f"{mean:+.3f} ± {std / np.sqrt(n):.3f} (t = {mean / (std / np.sqrt(n)):.2f}, {n - 1} df)"
+                  if std else f"{mean:+.3f} (one seed: no SE over seeds)" if n == 1 else f"{mean:+.3f} ± 0.000")
+        per_seed = "; ".join(f"{j.params.get('seed', j.name)}: {v['difference']:+.3f} "
+                             f"({'-' if v['z'] is None else format(v['z'], '.2f')})" for j, v in found)
+        passed = sum(v["z"] is not None and v["z"] > 2 for _, v in found)
+        table.rows.append([label, n, per_seed, spread, f"{passed} of {n}"])
+    if not table.rows:
+        return None
+    table.notes.append("z = a seed's difference / its SE (clustered by episode, from that run's transitions). The SE "
+                       "over seeds is the sample sd of the per-seed differences / sqrt(n): unlike a run's own SE it "
+                       "includes how training varies from seed to seed; with few seeds it is itself rough.")
+    return table
+
+
 def openllm_sweep_table(groups: dict[str, list[Job]], paper: PaperResults) -> tbl.Table:
     table = tbl.Table("openllm_v1", "Open LLM Leaderboard v1 benchmarks (%), mean ± std over seeds",
                       ["model", *[label for _, label in tbl.BENCHMARKS], "average"])
@@ -311,7 +343,9 @@ def build_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     query_parts.append(report.add_table(tbl.paper_queries_table(paper)))
     report.sections.append(("Expert queries and dataset size", query_parts))
     if any(r.has("policy") for r in reps):
-        report.sections.append(("Policy", [report.add_table(tbl.policy_table(reps)),
+        seeds = policy_seeds_table(groups)
+        report.sections.append(("Policy", [*([report.add_table(seeds)] if seeds is not None else []),
+                                           report.add_table(tbl.policy_table(reps)),
                                            FigureRef("policy_learning_curve", "Policy learning curves (first seed "
                                                                               "of each group)"),
                                            FigureRef("operator_mix", "Operator mix per group (first seed)")]))
