@@ -194,6 +194,11 @@ def test_encoder_and_env_validation(opset):
     enc = ObservationEncoder("last_op", 6, 6)
     assert enc.encode(["a", "b"], [None, 4], [0, 1]).tolist() == [[0] * 6, [0, 0, 0, 0, 1, 0]]
     assert enc.encode(["a"], [-1], [0]).sum() == 0
+    step = ObservationEncoder("step", 6, 3)  # the steps taken so far, one-hot over the episode's 3 steps
+    assert step.dim == 3 and step.space.shape == (3,)
+    assert step.encode(["a", "b", "c"], [None, 4, 1], [0, 1, 2]).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    bandit = ObservationEncoder("none", 6, 3)  # one state: the same operator distribution everywhere
+    assert bandit.dim == 1 and bandit.encode(["a", "b"], [None, 3], [0, 2]).tolist() == [[1.0], [1.0]]
 
 
 @pytest.mark.slow

@@ -215,6 +215,10 @@ def test_policy_baseline_rolls_random_operators_over_the_same_budget_once_for_ev
     trpo, ppo = compose(over + ["rl=trpo"]), compose(over + ["rl=ppo"])
     fp = lambda cfg: fingerprints(cfg, plan(cfg))  # noqa: E731
     assert fp(trpo)["policy_baseline"] == fp(ppo)["policy_baseline"] and fp(trpo)["policy"] != fp(ppo)["policy"]
+    # random operators ignore the observation: an observation ablation shares the baseline too, not the policy
+    bandit = compose(over + ["rl=ppo", "policy.obs=none", "policy.final_window=3"])
+    assert fp(bandit)["policy_baseline"] == fp(ppo)["policy_baseline"] and fp(bandit)["policy"] != fp(ppo)["policy"]
+    assert fp(compose(over + ["rl=ppo", "policy.updates=6"]))["policy_baseline"] != fp(ppo)["policy_baseline"]
     metrics = run_pipeline(ppo, tmp_path / "run")
     base, trained = metrics["policy_baseline"], metrics["policy"]
     assert base["algorithm"] == "random" and base["baseline/transitions"] == 12 * 4 * 2

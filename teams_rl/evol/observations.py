@@ -1,4 +1,5 @@
-"""What the policy sees of an episode: the last operator (the paper) or an embedding of the instruction."""
+"""What the policy sees of an episode: the last operator (the paper), the step, nothing, or an embedding of the
+instruction."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import numpy as np
 
 from teams_rl.errors import TeamsRLError
 
-OBS_KINDS = ("last_op", "embedding")
+OBS_KINDS = ("last_op", "step", "none", "embedding")
 
 
 class ObservationEncoder:
     """Turns episode states into policy observations.
 
     kind="last_op": a one-hot of the last operator applied, all zeros right after a reset (the paper's
-    state; the policy never sees the text). kind="embedding": the all-MiniLM-L6-v2 embedding (384-d,
+    state; the policy never sees the text). kind="step": a one-hot of the steps taken so far (0 ..
+    episode_length - 1). kind="none": one constant 1, so the policy is one distribution over operators for every
+    state (a bandit; every transition informs the same choice). kind="embedding": the all-MiniLM-L6-v2 embedding (384-d,
     L2-normalised) of the current instruction followed by the step index divided by `episode_length`.
     `embed` replaces the MiniLM encoder (texts -> [N, d] array), e.g. in tests.
     """
@@ -38,16 +41,16 @@ class ObservationEncoder:
 
     @property
     def dim(self) -> int:
-        return self.n_ops if self.kind == "last_op" else self.embedding_dim + 1
+        return {"last_op": self.n_ops, "step": self.episode_length, "none": 1}.get(self.kind, self.embedding_dim + 1)
 
     @property
     def space(self):
         """The gymnasium Box of one observation."""
         from gymnasium import spaces
 
-        if self.kind == "last_op":
-            return spaces.Box(low=0.0, high=1.0, shape=(self.n_ops,), dtype=np.float32)
-        return spaces.Box(low=-1.0, high=1.0, shape=(self.dim,), dtype=np.float32)
+        if self.kind == "embedding":
+            return spaces.Box(low=-1.0, high=1.0, shape=(self.dim,), dtype=np.float32)
+        return spaces.Box(low=0.0, high=1.0, shape=(self.dim,), dtype=np.float32)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self._embed is not None:
@@ -68,6 +71,12 @@ class ObservationEncoder:
                 if op is not None and int(op) >= 0:
                     obs[i, int(op)] = 1.0
             return obs
+        if self.kind == "step":
+            obs = np.zeros((n, self.dim), dtype=np.float32)
+            obs[np.arange(n), np.clip(np.asarray(steps, dtype=int), 0, self.dim - 1)] = 1.0
+            return obs
+        if self.kind == "none":
+            return np.ones((n, 1), dtype=np.float32)
         obs = np.zeros((n, self.dim), dtype=np.float32)
         if n:
             vectors = self.embed(instructions)

@@ -91,6 +91,10 @@ def _wide(cfg: DictConfig, ctx, s, opset) -> list[dict]:
     return history
 
 
+# Uniformly random operators never look at the observation, and the baseline's figure uses all its transitions:
+# one baseline serves every `policy.obs` and `policy.final_window` too (an observation ablation shares it).
+BASELINE_RUN_ONLY_KEYS = (*policy_stage.RUN_ONLY_KEYS, "policy.obs", "policy.final_window")
+
 STAGE = Stage(name="policy_baseline", version=5, run=run, config_keys=_config_keys,
-              run_only_keys=policy_stage.RUN_ONLY_KEYS, resumable=True, validate=_validate, roles=_roles,
+              run_only_keys=BASELINE_RUN_ONLY_KEYS, resumable=True, validate=_validate, roles=_roles,
               estimate=_estimate)
