@@ -40,7 +40,7 @@ def test_learning_raises_the_rewarded_operators_probability(compose, tmp_path, r
     _, metrics, folder, rows = _run(compose, tmp_path, [f"rl={rl}", *paper_mdp, f"policy.updates={updates}",
                                                         "policy.checkpoint_every=1000"])
     assert metrics["updates"] == updates and len(rows) == updates
-    assert rows[0][f"op_prob/{TARGET}"] < 0.4  # after one update (ppo at lr 6e-3: 0.31), far from the final
+    assert rows[0][f"op_prob/{TARGET}"] < 0.5  # after one update (ppo at lr 6e-3, obs=none: 0.41), far from the final
     assert metrics[f"op_prob/{TARGET}"] >= threshold
     assert metrics["final_mean_reward"] > rows[0]["mean_reward"]
     assert metrics["final_entropy"] < rows[0]["entropy"]
@@ -51,7 +51,7 @@ def test_learning_raises_the_rewarded_operators_probability(compose, tmp_path, r
 
 def test_trained_agent_artifact_and_scores(compose, tmp_path):
     cfg, metrics, folder, rows = _run(compose, tmp_path, ["rl=trpo", "policy.updates=2", "policy.n_envs=4",
-                                                         "policy.steps_per_update=3"])
+                                                         "policy.steps_per_update=3", "policy.obs=last_op"])
     for name in ("agent.json", "policy.zip", "metrics.jsonl", "learning_curve.png", "manifest.json"):
         assert (folder / name).is_file(), name
     meta = json.loads((folder / "agent.json").read_text())
@@ -257,7 +257,8 @@ def test_the_random_baseline_rolls_out_wide_with_the_policys_layout_of_transitio
         assert len({(t[0], t[1]) for r in rows for t in r[TRANSITIONS_KEY]}) == 12
     assert metrics["policy_baseline"]["baseline/episodes"] == 12
     assert metrics["policy"]["final_window/updates"] == 4 and metrics["policy"]["final_window/episodes"] == 8
-    assert metrics["policy"]["final_window/reward_se"] > 0 and metrics["policy"]["final_window/reward_se_iid"] > 0
+    assert metrics["policy"]["final_window/reward_se"] is not None  # 8 episodes: an SE (0 once it always pays)
+    assert metrics["policy_baseline"]["baseline/reward_se"] > 0 and metrics["policy_baseline"]["baseline/reward_se_iid"] > 0
     logged = [json.loads(line) for stage in ("policy", "policy_baseline")
               for line in (tmp_path / "run" / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
     assert len(logged) >= 14 and not any(TRANSITIONS_KEY in row for row in logged)  # the logger gets numbers only
