@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(OFFLINE) $(PY) -c "from teams_rl.models import resolve_model; print('SmolLM2:', resolve_model('smollm2'))"   # convert once (~20 s)
 	@touch $(STAMP)
 
-demo: install ## run the whole pipeline on the embedded offline default (2 CPU cores: 3.4 min bf16 / 4.4 min fp32 measured, see experiments/README.md)
+demo: install ## run the whole pipeline on the embedded offline default (2 CPU cores: 3.4-3.6 min bf16 / 4.4-5.0 min fp32 measured, see experiments/README.md)
 	$(OFFLINE) $(PY) -m teams_rl
 
 test: install ## install, then run the whole CPU test suite (< 10 min on 2 cores)
