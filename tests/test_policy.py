@@ -255,7 +255,8 @@ def test_the_random_baseline_rolls_out_wide_with_the_policys_layout_of_transitio
         assert [len(r[TRANSITIONS_KEY]) for r in rows] == [r["transitions"] for r in rows]
         assert [sorted(t[2] for t in r[TRANSITIONS_KEY]) for r in rows] == [[s] * 4 for s in (1, 2, 3, 1, 2, 3, 1)]
         assert len({(t[0], t[1]) for r in rows for t in r[TRANSITIONS_KEY]}) == 12
-    assert metrics["policy_baseline"]["baseline/episodes"] == 12
+    assert metrics["policy_baseline"]["baseline/episodes"] == 12 and metrics["policy_baseline"]["baseline/se_unit"] == "episode"
+    assert not any(k.startswith("final_window/") for k in metrics["policy_baseline"])  # the policy's figure only
     assert metrics["policy"]["final_window/updates"] == 4 and metrics["policy"]["final_window/episodes"] == 8
     assert metrics["policy"]["final_window/reward_se"] is not None  # 8 episodes: an SE (0 once it always pays)
     assert metrics["policy_baseline"]["baseline/reward_se"] > 0 and metrics["policy_baseline"]["baseline/reward_se_iid"] > 0
@@ -276,3 +277,4 @@ def test_a_baseline_whose_episodes_carry_over_steps_like_the_policy(compose, tmp
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert base["algorithm"] == "random" and base["baseline/transitions"] == 4 * 3 == sum(r["transitions"] for r in rows)
     assert (folder / "checkpoints").is_dir() and base["requests/instructor"] == 12
+    assert base["baseline/se_unit"] == "env" and base["baseline/episodes"] == 3  # one chain per env

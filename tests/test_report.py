@@ -193,8 +193,8 @@ def test_cli_rerenders_a_run_dir_and_an_artifact_folder(tmp_path, two_runs, caps
 def make_sweep(root: Path) -> Path:
     sweep = root / "sweep"
     n = 0
-    # teams_rl's policies against their random baselines: +0.10 (SE 0.05: z 2.0, not above 2) and +0.04 (z 0.8)
-    versus = {("teams_rl", 1): (0.5, 0.03, 0.4, 0.04), ("teams_rl", 2): (0.44, 0.03, 0.4, 0.04)}
+    # teams_rl's policies against their random baselines: +0.09 (SE 0.05: z 1.8) and +0.04 (z 0.8)
+    versus = {("teams_rl", 1): (0.49, 0.03, 0.4, 0.04), ("teams_rl", 2): (0.44, 0.03, 0.4, 0.04)}
     for ops, rewards_by_seed in (("teams_rl", {1: (0.2, 0.4), 2: (0.2, 0.6)}), ("no_breadth", {1: (0.1, 0.1), 2: (0.1, 0.3)})):
         for seed, rewards in rewards_by_seed.items():
             build_run(sweep, str(n), rewards=rewards, seed=seed, salt=f"{ops}{seed}", mia_shift=0.2 * seed,
@@ -234,8 +234,8 @@ def test_sweep_aggregation_mean_std_over_seeds(tmp_path):
     seeds = read_csv(sweep / "report" / "policy_vs_baseline.csv")
     assert "operators=no_breadth" not in seeds  # no baseline stage: no comparison
     row = seeds["operators=teams_rl"]
-    assert row[1] == "2" and row[2] == "1: +0.100 (2.00); 2: +0.040 (0.80)" and row[4] == "0 of 2"
-    assert row[3] == "+0.070 ± 0.030 (t = 2.33, 1 df)"  # sd of (0.10, 0.04) = 0.0424, / sqrt(2)
+    assert row[1] == "2" and row[2] == "1: +0.090 (1.80); 2: +0.040 (0.80)" and row[4] == "0 of 2"
+    assert row[3] == "+0.065 ± 0.025 (t = 2.60, 1 df)"  # sd of (0.09, 0.04) = 0.0354, / sqrt(2)
     assert "Trained policy minus random operators, over seeds" in md
     cache = read_csv(sweep / "report" / "sweep_cache.csv")
     assert cache["evaluate_base"][4] == "1"     # one base evaluation shared by the 4 jobs
@@ -311,6 +311,14 @@ def test_policy_versus_random_baseline_difference_and_flags():
     assert reward_window([row([3, 1, 1, 0.2], [3, 1, 2, 0.6])])["se"] is None  # one episode: no SE
     assert reward_window([]) == {"mean": None, "sd": None, "se": None, "se_iid": None, "n": 0, "episodes": 0,
                                  "updates": 0}
+    # carried-over episodes (the paper) are one chain per env: clustered by env, one env gives no SE
+    chains = [row([0, 1, 1, 0.2], [1, 1, 1, 0.6]), row([0, 2, 1, 0.4], [1, 2, 1, 0.8])]
+    assert reward_window(chains)["episodes"] == 4 and reward_window(chains, unit="env")["episodes"] == 2
+    assert reward_window([row([0, 1, 1, 0.2]), row([0, 2, 1, 0.5])], unit="env")["se"] is None
+    from teams_rl.errors import TeamsRLError
+
+    with pytest.raises(TeamsRLError, match="per-transition records"):
+        reward_window([{"transitions": 8, "mean_reward": 0.3}])
     run = RunResults("demo", manifests={
         "policy": {"metrics": {"final_window/mean_reward": 0.6, "final_window/reward_se": 0.03,
                                "final_window/reward_se_iid": 0.024, "final_window/transitions": 24,
@@ -332,6 +340,13 @@ def test_policy_versus_random_baseline_difference_and_flags():
         "policy_baseline": {"metrics": {"baseline/mean_reward": 0.4, "baseline/reward_se": 0.04}}}).policy_vs_baseline()
     assert lone["se"] is None and lone["z"] is None
     assert "no standard error" in policy_versus_baseline_note("one", lone)
+    flat = {**v, "final_se": 0.0, "baseline_se": 0.0, "se": 0.0, "se_ratio": None, "z": None}  # every reward alike
+    assert "no standard error" in policy_versus_baseline_note("demo", flat)
+    old = RunResults("old", manifests={  # an artifact from before the clustered SE: its SE is not called clustered
+        "policy": {"metrics": {"final_window/mean_reward": 0.6, "final_window/reward_se": 0.03}},
+        "policy_baseline": {"metrics": {"baseline/mean_reward": 0.4, "baseline/reward_se": 0.04}}}).policy_vs_baseline()
+    assert "independent-transition SE, recorded before clustering" in policy_versus_baseline_note("old", old)
+    assert "clustered by env: its episodes are one chain" in policy_versus_baseline_note("p", {**v, "se_unit": "env"})
     assert RunResults("x", manifests={"policy": {"metrics": {}}}).policy_vs_baseline() is None
     from teams_rl.report.tables import POLICY_SE_CAVEAT, policy_table
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from teams_rl.errors import TeamsRLError
+
 TRANSITIONS_KEY = "transitions_by_episode"  # per update row: [[env, episode, step, reward], ...]
 
 
@@ -39,16 +41,22 @@ def clustered_se(rewards: list[float], clusters: list) -> float | None:
     return math.sqrt(g / (g - 1) * sum(s * s for s in sums.values())) / n
 
 
-def reward_window(history: list[dict], last: int | None = None) -> dict:
+def reward_window(history: list[dict], last: int | None = None, unit: str = "episode") -> dict:
     """Mean, sd, n and standard errors of the per-transition reward over the `last` updates of `history` (all when
-    None): `se` clustered by episode, `se_iid` as if every transition were independent, `episodes` the clusters."""
+    None): `se` clustered by `unit` (`episode`, or `env` when episodes carry their instruction over, so one env's
+    episodes are one chain), `se_iid` as if every transition were independent, `episodes` the clusters."""
+    if unit not in ("episode", "env"):
+        raise ValueError(f"unit must be episode or env, got {unit!r}")
     rows = [r for r in (history[-last:] if last else history) if r.get("transitions")]
+    if any(TRANSITIONS_KEY not in r for r in rows):
+        raise TeamsRLError(f"an update row has no {TRANSITIONS_KEY} (written before per-transition records); "
+                           "rerun the stage")
     records = [t for r in rows for t in r[TRANSITIONS_KEY]]
     n = len(records)
     if not n:
         return {"mean": None, "sd": None, "se": None, "se_iid": None, "n": 0, "episodes": 0, "updates": len(rows)}
     rewards = [float(t[3]) for t in records]
-    clusters = [(int(t[0]), int(t[1])) for t in records]
+    clusters = [(int(t[0]), int(t[1]) if unit == "episode" else 0) for t in records]
     mean = sum(rewards) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in rewards) / (n - 1)) if n > 1 else 0.0
     return {"mean": mean, "sd": sd, "se": clustered_se(rewards, clusters), "se_iid": sd / math.sqrt(n), "n": n,

@@ -229,7 +229,9 @@ class RunResults:
                 "final_updates": int(p.get("final_window/updates") or 0), "baseline": base, "baseline_se": se_b,
                 "baseline_n": int(b.get("baseline/transitions") or 0),
                 "baseline_episodes": int(b.get("baseline/episodes") or 0), "difference": diff, "se": se,
-                "se_ratio": se / iid if se and iid else None, "z": diff / se if se else None}
+                "se_ratio": se / iid if se and iid else None, "z": diff / se if se else None,
+                # artifacts from before the per-transition records hold the independent-transition SE only
+                "se_unit": p.get("final_window/se_unit") or ("episode" if iid is not None else None)}
 
     def generate_stats(self) -> dict:
         path = self.file("generate", "stats.json")

@@ -411,13 +411,15 @@ def policy_versus_baseline_note(label: str, v: dict) -> str:
     head = (f"{label}: final reward (last {v['final_updates']} updates, {units(v['final_n'], v['final_episodes'])}) "
             f"{side(v['final'], v['final_se'])} minus random-operator baseline "
             f"({units(v['baseline_n'], v['baseline_episodes'])}) {side(v['baseline'], v['baseline_se'])}")
-    if v["se"] is None:
+    if not v["se"] or v["z"] is None:  # no SE, or one of 0 (every reward alike): no z to judge
         return head + f" = **{v['difference']:+.3f}**, with no standard error: nothing can be said about learning."
     ratio = f", {v['se_ratio']:.2f}x the SE of independent transitions" if v["se_ratio"] is not None else ""
+    kind = {"episode": f"SE clustered by episode{ratio}", "env": f"SE clustered by env: its episodes are one "
+            f"chain{ratio}"}.get(v.get("se_unit"), "independent-transition SE, recorded before clustering")
     verdict = ("beats the random baseline by more than 2 standard errors" if v["z"] > 2 else
                "does NOT beat the random baseline by 2 standard errors")
-    return (head + f" = **{v['difference']:+.3f} ± {v['se']:.3f}** (SE clustered by episode{ratio}); the policy "
-            f"{verdict} (z = {v['z']:.2f}).")
+    return (head + f" = **{v['difference']:+.3f} ± {v['se']:.3f}** ({kind}); the policy {verdict} "
+            f"(z = {v['z']:.2f}).")
 
 
 def dataset_table(runs: list[RunResults]) -> Table:

@@ -145,6 +145,12 @@ def _train(cfg: DictConfig, ctx, out_dir: Path, llm_threads: int) -> tuple[dict,
     return summary(s, opset, run.history), run.history
 
 
+def se_unit(s) -> str:
+    """What the reward SEs take as one sampling unit: the episode, or the env's whole chain when an episode starts
+    where the last one ended (`policy.carry_instruction`, the paper)."""
+    return "env" if s.carry_instruction else "episode"
+
+
 def summary(s, opset, history: list[dict]) -> dict:
     """The stage's metrics from its per-update rows."""
     from teams_rl.evol.reward_window import reward_window
@@ -165,10 +171,12 @@ def summary(s, opset, history: list[dict]) -> dict:
         **{k: float(np.mean([r.get(k, 0.0) for r in history])) if history else None
            for k in (f"cleaning/{kind}" for kind in CLEANING_KINDS)},
     }
-    window = reward_window(history, s.final_updates)
+    unit = se_unit(s)
+    window = reward_window(history, s.final_updates, unit)
     metrics.update({"final_window/mean_reward": window["mean"], "final_window/reward_se": window["se"],
                     "final_window/reward_se_iid": window["se_iid"], "final_window/transitions": window["n"],
-                    "final_window/episodes": window["episodes"], "final_window/updates": window["updates"]})
+                    "final_window/episodes": window["episodes"], "final_window/updates": window["updates"],
+                    "final_window/se_unit": unit})
     for key in SUMMED_COUNTS:
         metrics[key] = last.get(key, 0)
     for name in opset.names:
@@ -176,5 +184,5 @@ def summary(s, opset, history: list[dict]) -> dict:
     return metrics
 
 
-STAGE = Stage(name="policy", version=5, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
+STAGE = Stage(name="policy", version=6, run=run, config_keys=_config_keys, run_only_keys=RUN_ONLY_KEYS,
               resumable=True, validate=_validate, roles=_roles, estimate=_estimate)

@@ -60,10 +60,13 @@ def run(cfg: DictConfig, ctx) -> dict:
         metrics = policy_stage.summary(s, opset, history)
     else:
         metrics, history = policy_stage.train(random_cfg, ctx)
-    window = reward_window(history)
+    # the policy's final window is no figure of the baseline (and policy.final_window is not in its fingerprint)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("final_window/")}
+    unit = policy_stage.se_unit(s)
+    window = reward_window(history, None, unit)
     metrics.update({"baseline/mean_reward": window["mean"], "baseline/reward_se": window["se"],
                     "baseline/reward_se_iid": window["se_iid"], "baseline/transitions": window["n"],
-                    "baseline/episodes": window["episodes"]})
+                    "baseline/episodes": window["episodes"], "baseline/se_unit": unit})
     return metrics
 
 
@@ -95,6 +98,6 @@ def _wide(cfg: DictConfig, ctx, s, opset) -> list[dict]:
 # one baseline serves every `policy.obs` and `policy.final_window` too (an observation ablation shares it).
 BASELINE_RUN_ONLY_KEYS = (*policy_stage.RUN_ONLY_KEYS, "policy.obs", "policy.final_window")
 
-STAGE = Stage(name="policy_baseline", version=5, run=run, config_keys=_config_keys,
+STAGE = Stage(name="policy_baseline", version=6, run=run, config_keys=_config_keys,
               run_only_keys=BASELINE_RUN_ONLY_KEYS, resumable=True, validate=_validate, roles=_roles,
               estimate=_estimate)
