@@ -210,8 +210,9 @@ class RunResults:
 
     def policy_vs_baseline(self) -> dict | None:
         """The trained policy's final reward (its last updates) minus the random baseline's mean reward over the
-        same budget, with the standard error of the difference (two independent runs, each SE clustered by
-        episode), both n, their episodes and the ratio of the clustered to the independent-transition SE."""
+        same budget, with the standard error of the difference (two independent runs, each SE clustered by its
+        `se_unit`: the episode, or the env where episodes carry over), both n, their clusters and the ratio of
+        the clustered to the independent-transition SE."""
         p, b = self.metrics("policy"), self.metrics("policy_baseline")
         final, base = number(p.get("final_window/mean_reward")), number(b.get("baseline/mean_reward"))
         if final is None or base is None:

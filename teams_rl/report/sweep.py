@@ -240,15 +240,20 @@ def policy_seeds_table(groups: dict[str, list[Job]]) -> tbl.Table | None:
             continue
         diffs = [v["difference"] for _, v in found]
         mean, std, n = mean_std(diffs)
-        spread = (f"{mean:+.3f} ± {std / np.sqrt(n):.3f} (t = {mean / (std / np.sqrt(n)):.2f}, {n - 1} df)"
-                  if std else f"{mean:+.3f} (one seed: no SE over seeds)" if n == 1 else f"{mean:+.3f} ± 0.000")
+        if n == 1:
+            spread = f"{mean:+.3f} (one seed: no SE over seeds)"
+        elif std:
+            se = std / np.sqrt(n)
+            spread = f"{mean:+.3f} ± {se:.3f} (t = {mean / se:.2f}, {n - 1} df)"
+        else:
+            spread = f"{mean:+.3f} ± 0.000"
         per_seed = "; ".join(f"{j.params.get('seed', j.name)}: {v['difference']:+.3f} "
                              f"({'-' if v['z'] is None else format(v['z'], '.2f')})" for j, v in found)
         passed = sum(v["z"] is not None and v["z"] > 2 for _, v in found)
         table.rows.append([label, n, per_seed, spread, f"{passed} of {n}"])
     if not table.rows:
         return None
-    table.notes.append("z = a seed's difference / its SE (clustered by episode, from that run's transitions). The SE "
+    table.notes.append("z = a seed's difference / its SE (clustered by episode, or by env where episodes carry over). The SE "
                        "over seeds is the sample sd of the per-seed differences / sqrt(n): unlike a run's own SE it "
                        "includes how training varies from seed to seed; with few seeds it is itself rough.")
     return table

@@ -359,7 +359,8 @@ def interval_warnings(label: str, m: dict) -> list[str]:
 # what the difference's SE counts as a sampling unit, and what one run cannot say (experiments/README.md: the
 # seed x dtype runs of the embedded default)
 POLICY_SE_CAVEAT = ("Each SE counts an episode as one sampling unit (its transitions share a seed instruction and "
-                    "each step rewrites the last one's output). Neither SE includes how training varies from seed "
+                    "each step rewrites the last one's output; where episodes carry over, an env's whole chain is "
+                    "the unit). Neither SE includes how training varies from seed "
                     "to seed: a z near 2 from one seed is weak evidence; repeat over seeds (`-m seed=0,1,2,3,4`) "
                     "before reading it as learning.")
 

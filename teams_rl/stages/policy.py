@@ -91,7 +91,8 @@ def _estimate(cfg: DictConfig) -> list:
 
 
 def run(cfg: DictConfig, ctx) -> dict:
-    return train(cfg, ctx)[0]
+    metrics, history = train(cfg, ctx)
+    return {**metrics, **final_window(settings(cfg)[0], history)}
 
 
 def train(cfg: DictConfig, ctx) -> tuple[dict, list[dict]]:
@@ -151,10 +152,20 @@ def se_unit(s) -> str:
     return "env" if s.carry_instruction else "episode"
 
 
-def summary(s, opset, history: list[dict]) -> dict:
-    """The stage's metrics from its per-update rows."""
+def final_window(s, history: list[dict]) -> dict:
+    """The trained policy's "final reward": the mean over its last `policy.final_window` updates, with its SEs."""
     from teams_rl.evol.reward_window import reward_window
 
+    unit = se_unit(s)
+    window = reward_window(history, s.final_updates, unit)
+    return {"final_window/mean_reward": window["mean"], "final_window/reward_se": window["se"],
+            "final_window/reward_se_iid": window["se_iid"], "final_window/transitions": window["n"],
+            "final_window/episodes": window["episodes"], "final_window/updates": window["updates"],
+            "final_window/se_unit": unit}
+
+
+def summary(s, opset, history: list[dict]) -> dict:
+    """The metrics of a run's per-update rows that the policy and the random baseline share."""
     last, first = (history[-1], history[0]) if history else ({}, {})
     metrics = {
         "algorithm": s.algorithm,
@@ -171,12 +182,6 @@ def summary(s, opset, history: list[dict]) -> dict:
         **{k: float(np.mean([r.get(k, 0.0) for r in history])) if history else None
            for k in (f"cleaning/{kind}" for kind in CLEANING_KINDS)},
     }
-    unit = se_unit(s)
-    window = reward_window(history, s.final_updates, unit)
-    metrics.update({"final_window/mean_reward": window["mean"], "final_window/reward_se": window["se"],
-                    "final_window/reward_se_iid": window["se_iid"], "final_window/transitions": window["n"],
-                    "final_window/episodes": window["episodes"], "final_window/updates": window["updates"],
-                    "final_window/se_unit": unit})
     for key in SUMMED_COUNTS:
         metrics[key] = last.get(key, 0)
     for name in opset.names:

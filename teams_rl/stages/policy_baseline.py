@@ -60,8 +60,6 @@ def run(cfg: DictConfig, ctx) -> dict:
         metrics = policy_stage.summary(s, opset, history)
     else:
         metrics, history = policy_stage.train(random_cfg, ctx)
-    # the policy's final window is no figure of the baseline (and policy.final_window is not in its fingerprint)
-    metrics = {k: v for k, v in metrics.items() if not k.startswith("final_window/")}
     unit = policy_stage.se_unit(s)
     window = reward_window(history, None, unit)
     metrics.update({"baseline/mean_reward": window["mean"], "baseline/reward_se": window["se"],
