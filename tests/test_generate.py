@@ -139,6 +139,41 @@ def test_replace_breadth_with_next_is_the_policys_own_next_choice(compose):
                     load_operator_set(compose(["operators.ops=[breadth]"]).operators))
 
 
+def test_replace_breadth_with_cycle_takes_the_in_depth_operators_in_turn(compose):
+    """`replace_breadth_with: cycle`: a replaced in-breadth choice becomes in-depth operator (turn + step) mod
+    n, whatever the scores, so consecutive seeds draw every in-depth operator at every replaced step."""
+    from teams_rl.errors import TeamsRLError
+    from teams_rl.evol.generation import Rules, build_rules
+    from teams_rl.evol.operators import load_operator_set
+
+    opset = load_operator_set(compose().operators)
+    rules = build_rules(OmegaConf.create({"episode_length": 3, "rules": {"forced_breadth_steps": [2],
+                                                                        "replace_breadth_with": "cycle"}}), opset)
+    assert rules.replace_breadth_with == Rules.CYCLE and list(rules.depth) == [1, 2, 3, 4, 5]
+    committed = np.log([0.998, 0.0001, 0.0001, 0.0001, 0.0017, 0.0001])   # `next` would draw index 4 ~85%
+    assert rules.choose(committed, step=2, turn=7) == 0                      # forced
+    assert [rules.choose(committed, step=1, turn=t) for t in range(6)] == [2, 3, 4, 5, 1, 2]
+    assert [rules.choose(committed, step=3, turn=t) for t in range(5)] == [4, 5, 1, 2, 3]
+    assert rules.choose(np.log([0.1, 0.5, 0.1, 0.1, 0.1, 0.1]), step=1, turn=3) == 1   # not in-breadth: kept
+    with pytest.raises(TeamsRLError, match="replace_breadth_with=cycle needs an in-depth operator"):
+        build_rules(OmegaConf.create({"episode_length": 3, "rules": {"replace_breadth_with": "cycle"}}),
+                    load_operator_set(compose(["operators.ops=[breadth]"]).operators))
+
+
+def test_cycle_draws_every_in_depth_operator_from_a_policy_that_only_picks_breadth(compose, tmp_path):
+    """The engine end to end: a policy that always picks in-breadth, the default's rules (step 2 forced,
+    `cycle` elsewhere): over 5 seeds each in-depth operator is evolved once at step 1 and once at step 3."""
+    always_breadth = ["rl=fixed", "rl.schedule=[breadth,breadth,breadth]", "generate.episode_length=3",
+                      "generate.rules.forced_breadth_steps=[2]", "generate.rules.replace_breadth_with=cycle"]
+    _, m, folder, _ = _generate(compose, tmp_path, always_breadth + ["seeds.limit=5"])
+    evolved = _journal(folder, "evolve")
+    assert len(evolved) == 15
+    by_step = {step: sorted(e["operator"] for k, e in evolved.items() if k.endswith(f"/{step}")) for step in (1, 2, 3)}
+    depth = sorted(["add_constraints", "deepening", "concretizing", "increase_reasoning_steps", "complicate_input"])
+    assert by_step[1] == depth == by_step[3]
+    assert by_step[2] == ["breadth"] * 5
+
+
 @pytest.mark.slow
 def test_wizardlm_baseline_and_query_cost_table(compose, tmp_path):
     from teams_rl.report.costs import main as costs_main

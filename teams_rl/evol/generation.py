@@ -63,22 +63,28 @@ class Rules:
 
     forced_breadth_steps: frozenset[int]
     bias: np.ndarray                 # [n_ops], added to the scores
-    replace_breadth_with: int | None  # an operator index, or NEXT: the policy's own best other operator
+    replace_breadth_with: int | None  # an operator index, NEXT (the policy's own best other operator) or CYCLE
     breadth: tuple[int, ...]
-    depth: np.ndarray = field(init=False)  # the other (in-depth) operator indices, for NEXT
+    depth: np.ndarray = field(init=False)  # the other (in-depth) operator indices, for NEXT and CYCLE
 
     NEXT = -1
+    CYCLE = -2
 
     def __post_init__(self):
         object.__setattr__(self, "depth", np.array([i for i in range(len(self.bias)) if i not in self.breadth]))
 
-    def choose(self, scores: np.ndarray, step: int) -> int:
+    def choose(self, scores: np.ndarray, step: int, turn: int = 0) -> int:
+        """The operator at 1-based `step`; `turn` (the seed's position) picks CYCLE's operator."""
         if step in self.forced_breadth_steps:
             return self.breadth[0]
         scored = scores + self.bias
         op = int(np.argmax(scored))
         if self.replace_breadth_with is None or op not in self.breadth:
             return op
+        if self.replace_breadth_with == self.CYCLE:
+            # the in-depth operators in turn over seeds and steps: consecutive seeds draw each of them at
+            # every step, whatever a committed policy's residual preference among them is
+            return int(self.depth[(turn + step) % len(self.depth)])
         if self.replace_breadth_with != self.NEXT:
             return self.replace_breadth_with
         # the argmax over the other operators: with sampled (Gumbel) scores, a draw from the policy's
@@ -111,11 +117,11 @@ def build_rules(gen, opset) -> Rules:
     replace = C.get(rules, "replace_breadth_with")
     if replace in (None, ""):
         replace_with = None
-    elif str(replace) == "next":
+    elif str(replace) in ("next", "cycle"):
         if len(opset.breadth_indices) == len(opset):
-            raise TeamsRLError(f"generate.rules.replace_breadth_with=next needs an in-depth operator; set "
+            raise TeamsRLError(f"generate.rules.replace_breadth_with={replace} needs an in-depth operator; set "
                                f"'{opset.name}' has none")
-        replace_with = Rules.NEXT
+        replace_with = Rules.NEXT if str(replace) == "next" else Rules.CYCLE
     else:
         replace_with = opset.index(str(replace))
     return Rules(forced, bias, replace_with, tuple(opset.breadth_indices))
@@ -229,6 +235,7 @@ class Generator:
         self.merge_input = settings.merge_input
         self.base_seed = int(base_seed)
         self.seed_by_id = {s.id: s for s in seeds}
+        self.seed_turn = {s.id: i for i, s in enumerate(seeds)}  # a seed's position (Rules.CYCLE)
         self.failures = failures
         self.heldout_ids = frozenset(heldout_ids)  # seeds evolved for the non-member set: their own purposes
         self._judge = None
@@ -269,7 +276,7 @@ class Generator:
         else:
             rng = np.random.default_rng(stable_int(self.base_seed, chain.seed.id, step))
             scores = self.agent.action_scores(obs, step - 1, deterministic=False, rng=rng)[0]
-        return self.rules.choose(scores, step)
+        return self.rules.choose(scores, step, self.seed_turn.get(chain.seed.id, 0))
 
     # -- requests ----------------------------------------------------------------------------------
     def _evolve_request(self, chain: Chain, step: int) -> tuple[ChatRequest, int]:
