@@ -152,16 +152,22 @@ def se_unit(s) -> str:
     return "env" if s.carry_instruction else "episode"
 
 
-def final_window(s, history: list[dict]) -> dict:
-    """The trained policy's "final reward": the mean over its last `policy.final_window` updates, with its SEs."""
+def reward_metrics(prefix: str, s, history: list[dict], last: int | None = None) -> dict:
+    """`<prefix>/*`: the mean per-transition reward over the `last` updates of `history` (all when None), its
+    SE clustered by `se_unit`, the independent-transition SE and the counts behind them."""
     from teams_rl.evol.reward_window import reward_window
 
     unit = se_unit(s)
-    window = reward_window(history, s.final_updates, unit)
-    return {"final_window/mean_reward": window["mean"], "final_window/reward_se": window["se"],
-            "final_window/reward_se_iid": window["se_iid"], "final_window/transitions": window["n"],
-            "final_window/episodes": window["episodes"], "final_window/updates": window["updates"],
-            "final_window/se_unit": unit}
+    window = reward_window(history, last, unit)
+    return {f"{prefix}/mean_reward": window["mean"], f"{prefix}/reward_se": window["se"],
+            f"{prefix}/reward_se_iid": window["se_iid"], f"{prefix}/transitions": window["n"],
+            f"{prefix}/episodes": window["episodes"], f"{prefix}/updates": window["updates"],
+            f"{prefix}/se_unit": unit}
+
+
+def final_window(s, history: list[dict]) -> dict:
+    """The trained policy's "final reward": the mean over its last `policy.final_window` updates, with its SEs."""
+    return reward_metrics("final_window", s, history, s.final_updates)
 
 
 def summary(s, opset, history: list[dict]) -> dict:

@@ -50,7 +50,6 @@ def _estimate(cfg: DictConfig) -> list:
 
 
 def run(cfg: DictConfig, ctx) -> dict:
-    from teams_rl.evol.reward_window import reward_window
     from teams_rl.evol.wide_rollout import wide_possible
 
     random_cfg = random_config(cfg)
@@ -60,12 +59,7 @@ def run(cfg: DictConfig, ctx) -> dict:
         metrics = policy_stage.summary(s, opset, history)
     else:
         metrics, history = policy_stage.train(random_cfg, ctx)
-    unit = policy_stage.se_unit(s)
-    window = reward_window(history, None, unit)
-    metrics.update({"baseline/mean_reward": window["mean"], "baseline/reward_se": window["se"],
-                    "baseline/reward_se_iid": window["se_iid"], "baseline/transitions": window["n"],
-                    "baseline/episodes": window["episodes"], "baseline/se_unit": unit})
-    return metrics
+    return {**metrics, **policy_stage.reward_metrics("baseline", s, history)}  # over all its transitions
 
 
 def _wide(cfg: DictConfig, ctx, s, opset) -> list[dict]:
